@@ -1,0 +1,30 @@
+"""Start-of-run config validation: every key must be one the code knows."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+  out: dict[str, object] = {}
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_keys(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_config_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
+  """Raise KeyError naming every key of `config` that `reference` (the defaults) does not have,
+  and every key the defaults have that `config` lost."""
+  have, known = _keys(config), _keys(reference)
+  unknown = sorted(set(have) - set(known))
+  missing = sorted(set(known) - set(have))
+  if unknown or missing:
+    msg = []
+    if unknown:
+      msg.append(f"unknown config keys {unknown}")
+    if missing:
+      msg.append(f"config lacks keys {missing}")
+    raise KeyError("; ".join(msg) + " (the known keys are defined in configs/common.py)")

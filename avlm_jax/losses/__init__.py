@@ -1,0 +1,1 @@
+"""Anatomy-VLM losses: detection (L1 + GIoU), region–phrase contrastive, image-level alignment."""

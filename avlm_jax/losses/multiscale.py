@@ -1,0 +1,44 @@
+"""The multi-scale objective: L = λ_anat·(w_L1·L1 + w_GIoU·GIoU) + λ_fine·L_fine + λ_global·L_global."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from avlm_jax.losses import contrastive, detection
+
+
+def anatomy_vlm_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
+                     weights: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss, and every part reported separately (unweighted) with logit statistics."""
+  det = detection.detection_loss(outputs["boxes"], batch["boxes"], batch["box_present"])
+  b, r, e = outputs["region_emb"].shape
+  fine = contrastive.region_phrase_loss(
+      outputs["region_emb"].reshape(b * r, e),
+      outputs["phrase_emb"].reshape(b * r, e),
+      batch["phrase_ids"].reshape(b * r, -1),
+      batch["has_phrase"].reshape(b * r),
+      outputs["region_scale"],
+  )
+  glob = contrastive.image_label_loss(
+      outputs["image_emb"], outputs["prompt_emb"], batch["labels"],
+      outputs["global_scale"], outputs["global_bias"])
+  anat = weights.l1_weight * det["l1"] + weights.giou_weight * det["giou"]
+  total = (weights.anatomy_weight * anat + weights.fine_weight * fine["loss"]
+           + weights.global_weight * glob["loss"])
+  metrics = {
+      "loss": total,
+      "loss_anatomy": anat,
+      "loss_l1": det["l1"],
+      "loss_giou": det["giou"],
+      "loss_fine": fine["loss"],
+      "loss_global": glob["loss"],
+      "fine_top1": fine["top1_acc"],
+      "global_pos_logit": glob["pos_logit"],
+      "global_neg_logit": glob["neg_logit"],
+      "region_scale": outputs["region_scale"],
+      "global_scale": outputs["global_scale"],
+      "global_bias": jnp.asarray(outputs["global_bias"], jnp.float32),
+  }
+  return total, metrics

@@ -1,0 +1,82 @@
+"""The two-tower Anatomy-VLM: AnatomyViT + TextTower + the learnable logit scales and bias.
+
+`__call__` runs both towers on one training batch; `encode_image` / `encode_text` run one tower
+(used by evaluation, zero-shot interpretation and the frozen-text embedding cache).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from avlm_jax.models import layers
+from avlm_jax.models.anatomy_vit import AnatomyViT
+from avlm_jax.models.text_tower import TextTower
+
+
+def _dtype(name: str) -> Any:
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  except KeyError:
+    raise ValueError(f"config.model.dtype={name!r}; expected float32, bfloat16 or float16") from None
+
+
+class AnatomyVLM(nn.Module):
+  image: AnatomyViT
+  text: TextTower
+  logit_scale_init: float = 1.0 / 0.07
+  logit_scale_max: float = 100.0  # CLIP's clamp: keeps the temperature from collapsing.
+  global_bias_init: float = -2.0  # Prior of a rare positive label in the multi-label sigmoid loss.
+
+  def setup(self):
+    scalar = lambda v: layers.partitioned(nn.initializers.constant(v), ())
+    self.region_log_scale = self.param("region_log_scale", scalar(math.log(self.logit_scale_init)), ())
+    self.global_log_scale = self.param("global_log_scale", scalar(math.log(self.logit_scale_init)), ())
+    self.global_bias = self.param("global_bias", scalar(self.global_bias_init), ())
+
+  def logit_scales(self) -> dict[str, jax.Array]:
+    cap = math.log(self.logit_scale_max)
+    return {
+        "region_scale": jnp.exp(jnp.minimum(self.region_log_scale, cap)),
+        "global_scale": jnp.exp(jnp.minimum(self.global_log_scale, cap)),
+        "global_bias": self.global_bias,
+    }
+
+  def encode_image(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    return self.image(images, train=train)
+
+  def encode_text(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    return self.text(tokens, train=train)
+
+  def __call__(self, images: jax.Array, phrase_tokens: jax.Array, prompt_tokens: jax.Array,
+               *, train: bool = False) -> dict[str, jax.Array]:
+    """images (B,H,W,C) float; phrase_tokens (B,R,L); prompt_tokens (C,L) -> all embeddings + boxes."""
+    out = dict(self.image(images, train=train))
+    out["phrase_emb"] = self.text(phrase_tokens, train=train)["embedding"]
+    out["prompt_emb"] = self.text(prompt_tokens, train=train)["embedding"]
+    out.update(self.logit_scales())
+    return out
+
+
+def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> AnatomyVLM:
+  """The model a config describes; `vocab_size` comes from the tokenizer."""
+  dtype = _dtype(model_config.dtype)
+  img, txt = model_config.image, model_config.text
+  return AnatomyVLM(
+      image=AnatomyViT(
+          patch_size=img.patch_size, width=img.width, depth=img.depth, num_heads=img.num_heads,
+          mlp_dim=img.mlp_dim, embed_dim=model_config.embed_dim, dropout_rate=img.dropout,
+          dtype=dtype),
+      text=TextTower(
+          vocab_size=vocab_size, width=txt.width, depth=txt.depth, num_heads=txt.num_heads,
+          mlp_dim=txt.mlp_dim, embed_dim=model_config.embed_dim, max_len=txt.max_len,
+          pooling=txt.pooling, dropout_rate=txt.dropout, dtype=dtype),
+      logit_scale_init=model_config.logit_scale_init,
+      logit_scale_max=model_config.logit_scale_max,
+      global_bias_init=model_config.global_bias_init,
+  )

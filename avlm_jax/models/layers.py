@@ -1,0 +1,143 @@
+"""Transformer building blocks shared by both towers.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, …) and the main
+activations are constrained with `act_*` names; `avlm_jax.sharding` maps both onto the mesh.
+The modules decide nothing about the mesh themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Activation axis names: (batch, sequence, features).
+ACT_SEQ = ("act_batch", "act_len", "act_embed")
+
+
+def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  """A parameter initialiser annotated with logical axis names."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=eps,
+      dtype=dtype,
+      scale_init=partitioned(nn.initializers.ones, ("embed",)),
+      bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+      name=name,
+  )
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Multi-head self-attention with separate q/k/v projections (BERT/ViT layout).
+
+  `mask` is `(batch, length)` with 1 for real tokens; padded keys get no attention weight.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+
+    def proj(name: str) -> jax.Array:
+      # Kernels are (embed, heads·head_dim), the HF BERT/ViT layout; `heads` names the fused
+      # dimension, so tensor parallelism splits whole heads when num_heads divides evenly.
+      y = dense(width, ("embed", "heads"), self.dtype, name)(x)
+      y = y.reshape(*x.shape[:-1], self.num_heads, head_dim)
+      return nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads", "act_kv"))
+
+    q, k, v = proj("query"), proj("key"), proj("value")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+    if mask is not None:
+      big_neg = jnp.finfo(logits.dtype).min
+      logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
+    # Softmax in float32 whatever the compute dtype: it is the numerically fragile part.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads", "act_kv"))
+    y = y.reshape(*x.shape[:-1], width)
+    y = dense(width, ("heads", "embed"), self.dtype, "out")(y)
+    return nn.with_logical_constraint(y, ACT_SEQ)
+
+
+class MlpBlock(nn.Module):
+  """Two-layer feed-forward block, `embed -> mlp -> embed`."""
+
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = False  # BERT uses the exact (erf) GELU.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    width = x.shape[-1]
+    h = nn.Dense(
+        self.mlp_dim,
+        dtype=self.dtype,
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+        bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+        name="fc1",
+    )(x)
+    h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
+    h = nn.gelu(h, approximate=self.gelu_approximate)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    y = nn.Dense(
+        width,
+        dtype=self.dtype,
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+        name="fc2",
+    )(h)
+    return nn.with_logical_constraint(y, ACT_SEQ)
+
+
+class EncoderBlock(nn.Module):
+  """One transformer layer; `pre_norm=True` is the ViT layout, `False` is BERT's post-norm."""
+
+  num_heads: int
+  mlp_dim: int
+  pre_norm: bool
+  layer_norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
+    attn = MultiHeadSelfAttention(self.num_heads, self.dtype, self.dropout_rate, name="attention")
+    mlp = MlpBlock(self.mlp_dim, self.dtype, self.dropout_rate, self.gelu_approximate, name="mlp")
+    ln_attn = layer_norm(self.layer_norm_eps, self.dtype, "attention_ln")
+    ln_mlp = layer_norm(self.layer_norm_eps, self.dtype, "mlp_ln")
+    drop = nn.Dropout(self.dropout_rate)
+    if self.pre_norm:
+      x = x + drop(attn(ln_attn(x), mask, deterministic=deterministic), deterministic=deterministic)
+      x = x + drop(mlp(ln_mlp(x), deterministic=deterministic), deterministic=deterministic)
+    else:
+      x = ln_attn(x + drop(attn(x, mask, deterministic=deterministic), deterministic=deterministic))
+      x = ln_mlp(x + drop(mlp(x, deterministic=deterministic), deterministic=deterministic))
+    return nn.with_logical_constraint(x, ACT_SEQ)
+
+
+def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str,
+          kernel_init: Callable = nn.initializers.xavier_uniform()) -> nn.Dense:
+  """A Dense layer with logical names on kernel `(in, out)` and bias `(out,)`."""
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      kernel_init=partitioned(kernel_init, names),
+      bias_init=partitioned(nn.initializers.zeros, (names[1],)),
+      name=name,
+  )

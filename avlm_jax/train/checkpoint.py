@@ -1,0 +1,101 @@
+"""Orbax checkpoints holding, in one step directory, the train state, the Grain iterator state and
+the config that produced them; and the compatibility check made before any restore.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+# Config subtrees that must match for a resume to be the same run (shapes, data order).
+RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
+# Keys under RESUME_KEYS that may change freely between runs (throughput knobs).
+RESUME_FREE = ("data.num_workers", "data.num_threads")
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir's checkpoint was written by a config this run cannot continue from."""
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+      out.update(flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Human-readable differences between two JSON-normal config dicts on the resume-relevant keys."""
+  a = flatten({k: saved.get(k) for k in RESUME_KEYS})
+  b = flatten({k: current.get(k) for k in RESUME_KEYS})
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
+      continue
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va != vb:
+      diffs.append(f"{key}: {va!r} in the checkpoint, {vb!r} now")
+  return diffs
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with items `state`, `data_iter` and `config`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        config=ocp.args.JsonSave(config)), force=force)
+
+  def check_compatible(self, step: int, abstract_state: Any, config: dict) -> None:
+    """Raise IncompatibleCheckpointError naming the config keys or parameters that differ."""
+    where = f"checkpoint {self.directory}/{step}"
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    diffs = config_differences(saved, config)
+    if diffs:
+      raise IncompatibleCheckpointError(
+          f"{where} was written by a different config; it cannot be resumed with this one:\n  "
+          + "\n  ".join(diffs) + "\nUse a new --workdir, or run with the config it was made with.")
+    meta = self.manager.item_metadata(step)["state"]
+    saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape)
+                    for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+    want_shapes = {jax.tree_util.keystr(p): tuple(s.shape)
+                   for p, s in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    problems = [f"{k}: missing in the checkpoint" for k in sorted(set(want_shapes) - set(saved_shapes))]
+    problems += [f"{k}: not in this model" for k in sorted(set(saved_shapes) - set(want_shapes))]
+    problems += [f"{k}: shape {saved_shapes[k]} in the checkpoint, {want_shapes[k]} now"
+                 for k in sorted(set(saved_shapes) & set(want_shapes)) if saved_shapes[k] != want_shapes[k]]
+    if problems:
+      raise IncompatibleCheckpointError(
+          f"{where} does not fit this model's train state:\n  " + "\n  ".join(problems[:20])
+          + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any, config: dict) -> Any:
+    """Check compatibility, then restore the state (resharded to `abstract_state`) and the iterator."""
+    self.check_compatible(step, abstract_state, config)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

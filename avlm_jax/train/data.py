@@ -1,0 +1,65 @@
+"""The seam between the Grain pipeline (numpy, per process) and the jitted step (global arrays)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from avlm_jax import anatomy, sharding
+from avlm_jax.tokenizer import TextTokenizer
+from data_pipelines import input_pipeline, schema, synthetic_shapes
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.dir or os.path.join(workdir, "data")
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, TextTokenizer]:
+  """Make sure the dataset exists (generating the built-in one if asked) and load its tokenizer."""
+  data_dir = resolve_data_dir(config, workdir)
+  if config.data.kind == "synthetic_shapes":
+    if jax.process_index() == 0:
+      syn = config.data.synthetic
+      synthetic_shapes.ensure(data_dir, num_train=syn.num_train, num_val=syn.num_val, seed=config.seed,
+                              image_size=syn.image_size, num_shards=syn.num_shards)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("synthetic data ready")
+  elif config.data.kind != "array_record":
+    raise ValueError(f"config.data.kind={config.data.kind!r}; expected 'synthetic_shapes' or 'array_record'")
+  return data_dir, TextTokenizer(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer"))
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokenizer: TextTokenizer):
+  """This process's checkpointable iterator of local numpy batches."""
+  ds = input_pipeline.make_dataset(
+      schema.shard_paths(data_dir, "train"), seed=config.seed,
+      local_batch_size=config.batch_size // jax.process_count(), image_size=config.data.image_size,
+      tokenizer=tokenizer, max_phrase_len=config.data.max_phrase_len, label_names=config.labels,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return input_pipeline.make_iterator(ds, num_threads=config.data.num_threads,
+                                      num_workers=config.data.num_workers)
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one *global* batch, as `DecodeTriple` + batching produce them."""
+  b, r, s = config.batch_size, anatomy.NUM_REGIONS, config.data.image_size
+  spec = {
+      "image": ((b, s, s, 1), np.uint8),
+      "boxes": ((b, r, 4), np.float32),
+      "box_present": ((b, r), np.bool_),
+      "phrase_tokens": ((b, r, config.data.max_phrase_len), np.int32),
+      "phrase_ids": ((b, r, 2), np.int32),
+      "has_phrase": ((b, r), np.bool_),
+      "labels": ((b, len(config.labels)), np.float32),
+  }
+  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays split over the mesh's batch axes."""
+  shard = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(shard, v) for k, v in local_batch.items()}

@@ -1,0 +1,115 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from clu import parameter_overview
+
+from avlm_jax import anatomy, sharding
+from avlm_jax.models.anatomy_vlm import build_model
+from avlm_jax.train import data as train_data
+from avlm_jax.train import metrics as train_metrics
+from avlm_jax.train.checkpoint import Checkpointer
+from avlm_jax.train.state import StatePlan, make_optimizer
+from avlm_jax.train.step import compile_train_step, make_train_step
+
+
+def _say(msg: str) -> None:
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % shards:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh's batch "
+                     f"axes data×fsdp = {mesh.shape['data']}×{mesh.shape['fsdp']} = {shards}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list | None = None) -> dict[str, Any]:
+  """Train `config` in `workdir`; resume from its latest checkpoint if there is one.
+
+  Returns `state` (the final TrainState), `history` (the logged scalars) and `first_step`.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_json = json.loads(config.to_json())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  rules = sharding.rules_for(config.sharding.preset)
+  check_batch_layout(config, mesh)
+  _say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} device(s), "
+       f"preset {config.sharding.preset!r}")
+
+  data_dir, tokenizer = train_data.prepare_dataset(config, workdir)
+  data_iter = train_data.make_train_iterator(config, data_dir, tokenizer)
+  prompts = tokenizer([config.prompt_template.format(l) for l in config.labels], config.data.max_prompt_len)
+
+  model = build_model(config.model, tokenizer.vocab_size)
+  tx = make_optimizer(config.optimizer, config.total_steps)
+  s = config.data.image_size
+
+  def init_params(rng):
+    images = jnp.zeros((1, s, s, 1), jnp.float32)
+    phrases = jnp.zeros((1, anatomy.NUM_REGIONS, config.data.max_phrase_len), jnp.int32)
+    return model.init({"params": rng}, images, phrases, jnp.asarray(prompts))["params"]
+
+  plan = StatePlan(init_params, tx, mesh, rules)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
+  first_step = ckpt.latest_step() or 0
+  if first_step:
+    state = ckpt.restore(first_step, plan.abstract, data_iter, config_json)
+    _say(f"resumed from {ckpt.directory}/{first_step}")
+  else:
+    state = plan.initialize(jax.random.key(config.seed))
+  _say(f"parameters: {int(parameter_overview.count_parameters(state.params)):,}")
+
+  t0 = time.perf_counter()
+  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed), plan,
+                               train_data.batch_spec(config),
+                               jax.ShapeDtypeStruct(prompts.shape, prompts.dtype))
+  mem = step_fn.memory_analysis()
+  _say(f"compiled train step in {time.perf_counter() - t0:.1f}s"
+       + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else ""))
+  prompts_dev = jax.device_put(prompts, sharding.replicated(mesh))
+
+  writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  accum = train_metrics.MetricAccumulator()
+  clock = train_metrics.Throughput(config.batch_size, config.total_steps)
+  history: list[dict[str, float]] = []
+  for step in range(first_step, config.total_steps):
+    t_data = time.perf_counter()
+    batch = train_data.to_global(next(data_iter), mesh)
+    clock.data_wait_s += time.perf_counter() - t_data
+    state, step_metrics = step_fn(state, batch, prompts_dev)
+    accum.update(step_metrics)
+    done = step + 1
+    if done == first_step + 1:
+      jax.block_until_ready(state)
+      clock.start(done)  # throughput excludes the first step (compilation, warm-up)
+    if done % config.log_every == 0 or done == config.total_steps:
+      scalars = accum.compute()
+      train_metrics.check_finite(done, scalars)
+      rates = clock.rates(done)
+      scalars.update(rates)
+      writer.write(done, scalars)
+      history.append({"step": done, **scalars})
+      _say(train_metrics.progress_line(done, config.total_steps, scalars, rates))
+    if done % config.checkpoint_every == 0 or done == config.total_steps:
+      ckpt.save(done, state, data_iter, config_json)
+  ckpt.wait()
+  ckpt.close()
+  _say(f"done: checkpoints in {ckpt.directory}, metrics in {writer.path}")
+  return {"state": state, "history": history, "first_step": first_step}

@@ -1,0 +1,103 @@
+"""Training metrics: clu `Average`s accumulated between log points, a JSON-lines writer
+(plus TensorBoard through `clu.metric_writers` when TensorFlow is installed), and the progress line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+
+class MetricAccumulator:
+  """Averages each scalar the step reports over the steps since the last `compute`."""
+
+  def __init__(self):
+    self._collection = None
+    self._cls = None
+
+  def update(self, step_metrics: dict[str, jax.Array]) -> None:
+    if self._cls is None:
+      self._cls = clu_metrics.Collection.create(
+          **{k: clu_metrics.Average.from_output(k) for k in sorted(step_metrics)})
+    single = self._cls.single_from_model_output(**step_metrics)
+    self._collection = single if self._collection is None else self._collection.merge(single)
+
+  def compute(self) -> dict[str, float]:
+    if self._collection is None:
+      return {}
+    values = {k: float(v) for k, v in jax.device_get(self._collection.compute()).items()}
+    self._collection = None
+    return values
+
+
+class MetricWriter:
+  """`metrics.jsonl` in the workdir always; TensorBoard summaries when clu's writers import."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      try:  # clu.metric_writers needs TensorFlow (the optional `tensorboard` extra).
+        from clu import metric_writers
+        self._tb = metric_writers.create_default_writer(workdir, asynchronous=False)
+      except ImportError:
+        logging.info("TensorFlow not installed: metrics go to %s only", self.path)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+    if self._tb is not None:
+      self._tb.write_scalars(step, scalars)
+      self._tb.flush()
+
+
+class Throughput:
+  """Steps/s and examples/s between log points, excluding the first step (compilation, warm-up)."""
+
+  def __init__(self, global_batch: int, total_steps: int):
+    self.global_batch, self.total_steps = global_batch, total_steps
+    self._t0: float | None = None
+    self._step0 = 0
+    self.data_wait_s = 0.0
+
+  def start(self, step: int) -> None:
+    self._t0, self._step0, self.data_wait_s = time.perf_counter(), step, 0.0
+
+  def rates(self, step: int) -> dict[str, float]:
+    if self._t0 is None or step <= self._step0:
+      return {}
+    dt = time.perf_counter() - self._t0
+    steps_per_s = (step - self._step0) / dt
+    out = {"steps_per_s": steps_per_s, "examples_per_s": steps_per_s * self.global_batch,
+           "data_wait_fraction": self.data_wait_s / dt}
+    self.start(step)
+    return out
+
+
+def progress_line(step: int, total: int, scalars: dict[str, float], rates: dict[str, float]) -> str:
+  terms = ", ".join(f"{k[5:]} {scalars[k]:.4f}" for k in ("loss_l1", "loss_giou", "loss_fine", "loss_global")
+                    if k in scalars)
+  parts = [f"step {step}/{total}", f"loss {scalars.get('loss', float('nan')):.4f} ({terms})"]
+  if rates:
+    eta = (total - step) / max(rates["steps_per_s"], 1e-9)
+    parts.append(f"{rates['steps_per_s']:.2f} steps/s, {rates['examples_per_s']:.1f} ex/s, "
+                 f"ETA {datetime.timedelta(seconds=round(eta))}")
+  return " | ".join(parts)
+
+
+def check_finite(step: int, scalars: dict[str, Any]) -> None:
+  bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+  if bad:
+    raise FloatingPointError(f"step {step}: non-finite metrics {bad} ({ {k: scalars[k] for k in bad} })")

@@ -1,0 +1,153 @@
+"""Grain input pipeline: ArrayRecord triples -> model-ready numpy batches for this process.
+
+    source (random access over all shards)
+      -> global shuffle(seed), a new permutation every epoch -> repeat
+      -> this process's slice [process_index::process_count]
+      -> decode + box-aware letterbox resize + tokenise   (DecodeTriple, picklable)
+      -> batch(local_batch, drop_remainder=True)
+      -> iterator whose state (`get_state`/`set_state`) is saved in every checkpoint.
+
+`avlm_jax.train.data` turns these numpy batches into global `jax.Array`s on the mesh.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from typing import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from avlm_jax import anatomy
+from avlm_jax.tokenizer import TextTokenizer, phrase_hash
+from data_pipelines import schema
+
+
+class TripleSource:
+  """Random access over every record of a list of ArrayRecord shards, with provenance.
+
+  `source[i]` is `(i, raw_bytes)`; `locate(i)` says which shard and record index `i` is, so a
+  record that fails to decode can be named precisely.
+  """
+
+  def __init__(self, paths: Sequence[str]):
+    from array_record.python import array_record_data_source
+
+    self.paths = list(paths)
+    self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+    counts = [array_record_data_source.ArrayRecordDataSource([p]).__len__() for p in self.paths]
+    self._starts = np.cumsum([0] + counts).tolist()
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def __getitem__(self, index: int) -> tuple[int, bytes]:
+    return index, self._source[index]
+
+  def locate(self, index: int) -> tuple[str, int]:
+    shard = bisect.bisect_right(self._starts, index) - 1
+    return self.paths[shard], index - self._starts[shard]
+
+  def __repr__(self) -> str:
+    # Grain ties iterator checkpoints to the source's repr: keep it stable and content-based.
+    return f"TripleSource(paths={self.paths})"
+
+
+def letterbox(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Resize keeping the aspect ratio so the longer side is `size`, pad (centred) to a square.
+
+  image (H, W) uint8; boxes (R, 4) pixel xyxy -> (size, size) uint8 and boxes in the new pixels.
+  """
+  h, w = image.shape
+  scale = size / max(h, w)
+  nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+  resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  top, left = (size - nh) // 2, (size - nw) // 2
+  out = np.zeros((size, size), np.uint8)
+  out[top:top + nh, left:left + nw] = resized
+  sx, sy = nw / w, nh / h  # exact per-axis factors after rounding
+  new_boxes = boxes * np.array([sx, sy, sx, sy], np.float32) + np.array([left, top, left, top], np.float32)
+  return out, new_boxes
+
+
+def xyxy_to_normalized_cxcywh(boxes: np.ndarray, size: int) -> np.ndarray:
+  b = np.clip(boxes / size, 0.0, 1.0)
+  return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]],
+                  axis=-1).astype(np.float32)
+
+
+class DecodeTriple(grain.transforms.Map):
+  """`(index, bytes)` -> dict of fixed-shape numpy arrays (one example).
+
+  Output: image (S, S, 1) uint8; boxes (R, 4) normalised cxcywh; box_present (R,) bool;
+  phrase_tokens (R, L) int32; phrase_ids (R, 2) int32; has_phrase (R,) bool; labels (C,) float32.
+  """
+
+  def __init__(self, source: TripleSource, *, image_size: int, tokenizer: TextTokenizer,
+               max_phrase_len: int, label_names: Sequence[str]):
+    self.source = source
+    self.image_size = image_size
+    self.tokenizer = tokenizer
+    self.max_phrase_len = max_phrase_len
+    self.label_names = list(label_names)
+    self._label_index = {n: i for i, n in enumerate(self.label_names)}
+
+  def map(self, element: tuple[int, bytes]) -> dict[str, np.ndarray]:
+    index, raw = element
+    try:
+      return self._decode(raw)
+    except (schema.RecordError, OSError, ValueError, KeyError) as e:
+      shard, local = self.source.locate(index)
+      raise schema.RecordError(f"{shard}, record {local}: {e}") from e
+
+  def _decode(self, raw: bytes) -> dict[str, np.ndarray]:
+    t = schema.decode(raw)
+    try:
+      with Image.open(io.BytesIO(t.image)) as im:
+        image = np.asarray(im.convert("L"))
+    except Exception as e:  # PIL raises many types for corrupt/truncated files.
+      raise schema.RecordError(f"record {t.id!r}: image does not decode ({type(e).__name__}: {e})") from e
+    image, boxes = letterbox(image, t.boxes, self.image_size)
+    labels = np.zeros(len(self.label_names), np.float32)
+    for f in t.findings:
+      if f not in self._label_index:
+        raise schema.RecordError(f"record {t.id!r}: finding {f!r} is not one of the configured "
+                                 f"labels {self.label_names}")
+      labels[self._label_index[f]] = 1.0
+    present = t.box_present & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    cxcywh = np.where(present[:, None], xyxy_to_normalized_cxcywh(boxes, self.image_size), 0.0)
+    return {
+        "image": image[..., None],
+        "boxes": cxcywh.astype(np.float32),
+        "box_present": present,
+        "phrase_tokens": self.tokenizer(t.phrases, self.max_phrase_len),
+        "phrase_ids": np.asarray([phrase_hash(p) for p in t.phrases], np.int32),
+        "has_phrase": np.asarray([bool(p.strip()) for p in t.phrases]),
+        "labels": labels,
+    }
+
+
+def make_dataset(paths: Sequence[str], *, seed: int, local_batch_size: int, image_size: int,
+                 tokenizer: TextTokenizer, max_phrase_len: int, label_names: Sequence[str],
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                 num_epochs: int | None = None) -> grain.MapDataset:
+  """The per-process batched MapDataset (see module docstring)."""
+  source = TripleSource(paths)
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  ds = ds.map(DecodeTriple(source, image_size=image_size, tokenizer=tokenizer,
+                           max_phrase_len=max_phrase_len, label_names=label_names))
+  return ds.batch(local_batch_size, drop_remainder=True)
+
+
+def make_iterator(ds: grain.MapDataset, *, num_threads: int = 4, num_workers: int = 0):
+  """A checkpointable iterator; `num_workers > 0` decodes in worker processes."""
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+  if num_workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(it_ds)

@@ -1,0 +1,144 @@
+"""One report–image–anatomy triple, and how it is stored in ArrayRecord shards.
+
+A record is a msgpack map (safe to decode, language-neutral, numpy-aware through flax):
+
+| key        | type                  | meaning                                                        |
+|------------|-----------------------|----------------------------------------------------------------|
+| `version`  | int                   | schema version (`SCHEMA_VERSION`)                               |
+| `id`       | str                   | study/image identifier                                          |
+| `image`    | bytes                 | PNG or JPEG, 8-bit grayscale (or RGB, converted on decode)      |
+| `report`   | str                   | report text (FINDINGS / IMPRESSION)                             |
+| `boxes`    | float32 (29, 4)       | `x1, y1, x2, y2` in pixels of the stored image, region order of `avlm_jax.anatomy` |
+| `box_present` | bool (29,)         | False where the region has no box (its row is ignored)          |
+| `phrases`  | list of 29 str        | report phrases about each region; "" where there is none        |
+| `findings` | list of str           | image-level positive finding labels                             |
+
+A dataset folder holds `*.array_record` shards, `dataset_info.json` (counts, label names, how it
+was made) and optionally `tokenizer/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import flax.serialization
+import numpy as np
+
+from avlm_jax import anatomy
+
+SCHEMA_VERSION = 1
+INFO_FILE = "dataset_info.json"
+SHARD_SUFFIX = ".array_record"
+
+
+class RecordError(ValueError):
+  """A record that cannot be decoded or is inconsistent; the message names where it came from."""
+
+
+@dataclasses.dataclass
+class Triple:
+  id: str
+  image: bytes
+  report: str
+  boxes: np.ndarray          # (29, 4) float32 pixel xyxy
+  box_present: np.ndarray    # (29,) bool
+  phrases: list[str]         # 29 strings
+  findings: list[str]
+
+  def validate(self) -> None:
+    r = anatomy.NUM_REGIONS
+    if not isinstance(self.image, bytes) or not self.image:
+      raise RecordError(f"record {self.id!r}: 'image' must be non-empty encoded bytes")
+    if self.boxes.shape != (r, 4):
+      raise RecordError(f"record {self.id!r}: 'boxes' has shape {self.boxes.shape}, expected ({r}, 4)")
+    if self.box_present.shape != (r,):
+      raise RecordError(f"record {self.id!r}: 'box_present' has shape {self.box_present.shape}, expected ({r},)")
+    if len(self.phrases) != r or not all(isinstance(p, str) for p in self.phrases):
+      raise RecordError(f"record {self.id!r}: 'phrases' must be {r} strings, got {len(self.phrases)}")
+    if not all(isinstance(f, str) and f for f in self.findings):
+      raise RecordError(f"record {self.id!r}: 'findings' must be non-empty strings, got {self.findings!r}")
+    present = self.boxes[self.box_present]
+    if present.size and not np.all(np.isfinite(present)):
+      raise RecordError(f"record {self.id!r}: non-finite coordinates in a present box")
+
+
+def encode(triple: Triple) -> bytes:
+  triple.validate()
+  return flax.serialization.msgpack_serialize({
+      "version": SCHEMA_VERSION,
+      "id": triple.id,
+      "image": triple.image,
+      "report": triple.report,
+      "boxes": np.asarray(triple.boxes, np.float32),
+      "box_present": np.asarray(triple.box_present, bool),
+      "phrases": list(triple.phrases),
+      "findings": list(triple.findings),
+  })
+
+
+def decode(raw: bytes) -> Triple:
+  """Bytes -> validated Triple; RecordError (never a bare msgpack/KeyError) on bad input."""
+  try:
+    rec = flax.serialization.msgpack_restore(raw)
+  except Exception as e:  # msgpack raises several unrelated types on garbage.
+    raise RecordError(f"not a msgpack triple record ({type(e).__name__}: {e})") from e
+  if not isinstance(rec, dict):
+    raise RecordError(f"record is a {type(rec).__name__}, expected a map")
+  if rec.get("version") != SCHEMA_VERSION:
+    raise RecordError(f"record schema version {rec.get('version')!r}, this code reads {SCHEMA_VERSION}")
+  missing = [k for k in ("id", "image", "report", "boxes", "box_present", "phrases", "findings") if k not in rec]
+  if missing:
+    raise RecordError(f"record {rec.get('id')!r} lacks keys {missing}")
+  triple = Triple(
+      id=str(rec["id"]), image=rec["image"], report=str(rec["report"]),
+      boxes=np.asarray(rec["boxes"], np.float32), box_present=np.asarray(rec["box_present"], bool),
+      phrases=list(rec["phrases"]), findings=list(rec["findings"]))
+  triple.validate()
+  return triple
+
+
+def shard_paths(data_dir: str, split: str) -> list[str]:
+  """The shards of `split`, sorted; a clear error if there are none."""
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"dataset folder {data_dir!r} does not exist")
+  paths = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)
+                 if f.startswith(split + "-") and f.endswith(SHARD_SUFFIX))
+  if not paths:
+    raise FileNotFoundError(f"no '{split}-*{SHARD_SUFFIX}' shards in {data_dir!r}")
+  return paths
+
+
+def write_shards(records: Sequence[Triple] | Iterable[Triple], data_dir: str, split: str,
+                 num_shards: int) -> list[str]:
+  """Write records round-robin into `num_shards` ArrayRecord files `{split}-{i:05d}-of-{n:05d}`."""
+  from array_record.python import array_record_module
+
+  os.makedirs(data_dir, exist_ok=True)
+  paths = [os.path.join(data_dir, f"{split}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}")
+           for i in range(num_shards)]
+  # group_size:1 makes every record its own chunk: random access without decoding neighbours.
+  writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in paths]
+  try:
+    for i, triple in enumerate(records):
+      writers[i % num_shards].write(encode(triple))
+  finally:
+    for w in writers:
+      w.close()
+  return paths
+
+
+def write_info(data_dir: str, info: dict) -> None:
+  with open(os.path.join(data_dir, INFO_FILE), "w") as f:
+    json.dump({"schema_version": SCHEMA_VERSION, **info}, f, indent=2, sort_keys=True)
+
+
+def read_info(data_dir: str) -> dict:
+  path = os.path.join(data_dir, INFO_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path} is missing: {data_dir!r} is not a triple dataset folder") from None

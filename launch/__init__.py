@@ -1,0 +1,1 @@
+"""Thin entry points: training (`launch.train`) and launch scripts."""

@@ -1,0 +1,32 @@
+r"""Train Anatomy-VLM.
+
+  python -m launch.train --config=configs/tiny.py --workdir=workdir/tiny
+  python -m launch.train --config=configs/tiny.py:steps=50 --config.batch_size=32 --workdir=...
+
+Rerunning the same command on the same workdir resumes from its latest checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and generated data go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
+  jax.config.update("jax_threefry_partitionable", True)
+  from avlm_jax.config_check import check_config_keys
+  from avlm_jax.train.loop import train_and_evaluate
+  from configs import common
+
+  check_config_keys(_CONFIG.value, common.base_config())
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
