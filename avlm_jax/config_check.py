@@ -28,3 +28,18 @@ def check_config_keys(config: ml_collections.ConfigDict, reference: ml_collectio
     if missing:
       msg.append(f"config lacks keys {missing}")
     raise KeyError("; ".join(msg) + " (the known keys are defined in configs/common.py)")
+
+
+def check_override_flags(argv: list[str], reference: ml_collections.ConfigDict, flag: str = "config") -> None:
+  """Reject `--config.some.key=v` overrides for keys the defaults do not have, naming the key.
+
+  ml_collections would also refuse them, but with a bare `AttributeError: 'key'`.
+  """
+  known = _keys(reference)
+  prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+  for arg in argv:
+    if arg.startswith(f"--{flag}."):
+      key = arg[len(flag) + 3:].split("=", 1)[0]
+      if key not in known and key not in prefixes:
+        raise KeyError(f"{arg!r}: config key {key!r} does not exist (the known keys are defined in "
+                       f"configs/common.py)")

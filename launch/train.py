@@ -6,8 +6,13 @@ r"""Train Anatomy-VLM.
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
+
+from avlm_jax.config_check import check_config_keys, check_override_flags
+from configs import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and generated data go.")
@@ -20,13 +25,19 @@ def main(argv):
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)
-  from avlm_jax.config_check import check_config_keys
+  from avlm_jax.train.checkpoint import IncompatibleCheckpointError
   from avlm_jax.train.loop import train_and_evaluate
-  from configs import common
 
-  check_config_keys(_CONFIG.value, common.base_config())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    check_config_keys(_CONFIG.value, common.base_config())
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (KeyError, IncompatibleCheckpointError) as e:
+    sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
 
 if __name__ == "__main__":
+  try:
+    check_override_flags(sys.argv[1:], common.base_config())
+  except KeyError as e:
+    sys.exit(f"error: {e.args[0]}")
   app.run(main)

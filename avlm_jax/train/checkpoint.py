@@ -44,6 +44,17 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   return diffs
 
 
+def _path(path) -> str:
+  """`opt_state.1.0.mu.image.block_0...`: one spelling for dataclass, dict and tuple keys alike."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return ".".join(parts)
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items `state`, `data_iter` and `config`."""
 
@@ -51,6 +62,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "data_iter": grain.checkpoint.CheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=True))
 
@@ -73,9 +86,8 @@ class Checkpointer:
           f"{where} was written by a different config; it cannot be resumed with this one:\n  "
           + "\n  ".join(diffs) + "\nUse a new --workdir, or run with the config it was made with.")
     meta = self.manager.item_metadata(step)["state"]
-    saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape)
-                    for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
-    want_shapes = {jax.tree_util.keystr(p): tuple(s.shape)
+    saved_shapes = {_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+    want_shapes = {_path(p): tuple(s.shape)
                    for p, s in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     problems = [f"{k}: missing in the checkpoint" for k in sorted(set(want_shapes) - set(saved_shapes))]
     problems += [f"{k}: not in this model" for k in sorted(set(saved_shapes) - set(want_shapes))]

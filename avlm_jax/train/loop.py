@@ -38,10 +38,12 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
                      f"{jax.process_count()} processes")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: list | None = None) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: list | None = None, stop_after: int | None = None) -> dict[str, Any]:
   """Train `config` in `workdir`; resume from its latest checkpoint if there is one.
 
+  `devices` restricts the mesh to a subset of devices; `stop_after` ends this process after that
+  many steps (checkpointing first), as a pre-emption or a time-boxed job would.
   Returns `state` (the final TrainState), `history` (the logged scalars) and `first_step`.
   """
   workdir = os.path.abspath(workdir)
@@ -89,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   accum = train_metrics.MetricAccumulator()
   clock = train_metrics.Throughput(config.batch_size, config.total_steps)
   history: list[dict[str, float]] = []
-  for step in range(first_step, config.total_steps):
+  last_step = config.total_steps if stop_after is None else min(config.total_steps, first_step + stop_after)
+  for step in range(first_step, last_step):
     t_data = time.perf_counter()
     batch = train_data.to_global(next(data_iter), mesh)
     clock.data_wait_s += time.perf_counter() - t_data
@@ -99,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if done == first_step + 1:
       jax.block_until_ready(state)
       clock.start(done)  # throughput excludes the first step (compilation, warm-up)
-    if done % config.log_every == 0 or done == config.total_steps:
+    if done % config.log_every == 0 or done == last_step:
       scalars = accum.compute()
       train_metrics.check_finite(done, scalars)
       rates = clock.rates(done)
@@ -107,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.write(done, scalars)
       history.append({"step": done, **scalars})
       _say(train_metrics.progress_line(done, config.total_steps, scalars, rates))
-    if done % config.checkpoint_every == 0 or done == config.total_steps:
+    if done % config.checkpoint_every == 0 or done == last_step:
       ckpt.save(done, state, data_iter, config_json)
   ckpt.wait()
   ckpt.close()

@@ -1,0 +1,43 @@
+"""8 fake CPU devices for every test, set before JAX is imported; fast compiles; shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+  """A small built-in corpus (train 64, validation 16) with its tokenizer."""
+  from data_pipelines import synthetic_shapes
+
+  d = str(tmp_path_factory.mktemp("synthetic"))
+  return synthetic_shapes.generate(d, num_train=64, num_val=16, seed=0, image_size=48, num_shards=3)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synthetic_dir):
+  from avlm_jax.tokenizer import TextTokenizer
+
+  return TextTokenizer(os.path.join(synthetic_dir, "tokenizer"))
+
+
+def tiny_config(**overrides):
+  """The tiny config with dotted-key overrides, e.g. tiny_config(**{"mesh.fsdp": 2})."""
+  from configs import tiny
+
+  c = tiny.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

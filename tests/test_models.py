@@ -1,0 +1,96 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avlm_jax import anatomy
+from avlm_jax.models.anatomy_vit import AnatomyViT
+from avlm_jax.models.anatomy_vlm import build_model
+from avlm_jax.models.text_tower import TextTower
+from tests.conftest import tiny_config
+
+R = anatomy.NUM_REGIONS
+
+
+def test_anatomy_vit_output_shapes():
+  vit = AnatomyViT(patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64, embed_dim=24)
+  images = jax.random.normal(jax.random.key(0), (3, 32, 48, 1))
+  out, params = vit.init_with_output(jax.random.key(1), images)
+  assert out["boxes"].shape == (3, R, 4)
+  assert out["region_emb"].shape == (3, R, 24)
+  assert out["image_emb"].shape == (3, 24)
+  assert out["region_tokens"].shape == (3, R, 32)
+  assert out["cls_token"].shape == (3, 32)
+  assert out["patch_tokens"].shape == (3, 4, 6, 32)
+  assert params["params"]["anatomy_tokens"].value.shape == (1, R, 32)
+  assert params["params"]["pos_embedding"].value.shape == (1, 1 + R + 24, 32)
+  b = np.asarray(out["boxes"])
+  assert np.all((b > 0) & (b < 1))
+  np.testing.assert_allclose(np.linalg.norm(out["region_emb"], axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, atol=1e-5)
+
+
+def test_anatomy_vit_rejects_sizes_not_multiple_of_patch():
+  vit = AnatomyViT(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=8)
+  with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
+    vit.init(jax.random.key(0), jnp.zeros((1, 30, 32, 1)))
+
+
+def test_region_embedding_uses_patch_context():
+  """Changing only the image changes every region embedding (the [token ; mean patch] input)."""
+  vit = AnatomyViT(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=8)
+  params = vit.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+  a = vit.apply(params, jnp.zeros((1, 16, 16, 1)))["region_emb"]
+  b = vit.apply(params, jnp.ones((1, 16, 16, 1)))["region_emb"]
+  assert np.all(np.abs(np.asarray(a - b)).max(-1) > 1e-4)
+
+
+def test_text_tower_shapes_and_padding_invariance():
+  tower = TextTower(vocab_size=50, width=32, depth=2, num_heads=4, mlp_dim=64, embed_dim=16, max_len=16)
+  tokens = jnp.array([[[2, 7, 9, 3, 0, 0], [2, 5, 3, 0, 0, 0]]])  # (1, 2, 6)
+  out, params = tower.init_with_output(jax.random.key(0), tokens)
+  assert out["hidden"].shape == (1, 2, 6, 32)
+  assert out["pooled"].shape == (1, 2, 32)
+  assert out["embedding"].shape == (1, 2, 16)
+  # Extra padding must not change the embedding of a text.
+  longer = jnp.pad(tokens, ((0, 0), (0, 0), (0, 4)))
+  out2 = tower.apply(params, longer)
+  np.testing.assert_allclose(out["embedding"], out2["embedding"], atol=1e-5)
+
+
+def test_text_tower_rejects_too_long_input():
+  tower = TextTower(vocab_size=50, width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=8, max_len=4)
+  with pytest.raises(ValueError, match="exceeds the text tower's max_len 4"):
+    tower.init(jax.random.key(0), jnp.ones((1, 5), jnp.int32))
+
+
+def _tiny_model_and_params():
+  cfg = tiny_config()
+  model = build_model(cfg.model, vocab_size=60)
+  s, lp = cfg.data.image_size, cfg.data.max_phrase_len
+  args = (jnp.zeros((2, s, s, 1)), jnp.ones((2, R, lp), jnp.int32), jnp.ones((5, lp), jnp.int32))
+  out, variables = model.init_with_output(jax.random.key(0), *args)
+  return cfg, model, variables, out
+
+
+def test_anatomy_vlm_outputs_and_logit_scale_clamp():
+  cfg, model, variables, out = _tiny_model_and_params()
+  e = cfg.model.embed_dim
+  assert out["phrase_emb"].shape == (2, R, e)
+  assert out["prompt_emb"].shape == (5, e)
+  np.testing.assert_allclose(out["region_scale"], 1 / 0.07, rtol=1e-5)
+  params = nn.unbox(variables["params"])
+  params["region_log_scale"] = jnp.asarray(10.0)  # exp(10) >> 100
+  scales = model.apply({"params": params}, method=model.logit_scales)
+  assert float(scales["region_scale"]) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_every_parameter_carries_logical_axis_names():
+  _, _, variables, _ = _tiny_model_and_params()
+  leaves = jax.tree_util.tree_leaves_with_path(
+      variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    assert len(leaf.names) == leaf.value.ndim, (jax.tree_util.keystr(path), leaf.names)
