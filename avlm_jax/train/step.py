@@ -47,8 +47,8 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: ml_collec
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, prompt_tokens, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

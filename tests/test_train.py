@@ -1,0 +1,98 @@
+"""End-to-end: the tiny config trains, checkpoints, resumes exactly, and refuses bad setups."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from avlm_jax.config_check import check_config_keys, check_override_flags
+from avlm_jax.train.checkpoint import IncompatibleCheckpointError
+from avlm_jax.train.loop import train_and_evaluate
+from configs import common
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(synthetic_dir, **overrides):
+  base = {"data.kind": "array_record", "data.dir": synthetic_dir, "log_every": 1}
+  return tiny_config(**{**base, **overrides})
+
+
+@pytest.mark.slow
+def test_tiny_run_loss_falls(synthetic_dir, tmp_path):
+  cfg = _config(synthetic_dir, total_steps=60, log_every=10, checkpoint_every=60,
+                **{"optimizer.learning_rate": 2e-3})
+  out = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2])
+  losses = [h["loss"] for h in out["history"]]
+  assert len(losses) == 6
+  assert losses[-1] < 0.75 * losses[0], losses
+  assert out["history"][-1]["loss_l1"] < out["history"][0]["loss_l1"]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [10, 20, 30, 40, 50, 60]
+  assert {"loss_fine", "loss_global", "loss_giou", "loss_l1", "steps_per_s", "examples_per_s"} <= set(lines[-1])
+  assert os.path.isdir(tmp_path / "checkpoints" / "60")
+
+
+@pytest.mark.slow
+def test_exact_resume_on_fsdp_mesh(synthetic_dir, tmp_path):
+  """6 uninterrupted steps == 3 steps, a restart from the checkpoint, 3 more steps: bitwise."""
+  cfg = _config(synthetic_dir, total_steps=6, checkpoint_every=3,
+                **{"mesh.fsdp": 2, "sharding.preset": "fsdp"})
+  whole = train_and_evaluate(cfg, str(tmp_path / "whole"))
+  first = train_and_evaluate(cfg, str(tmp_path / "split"), stop_after=3)
+  assert first["first_step"] == 0 and [h["step"] for h in first["history"]] == [1, 2, 3]
+  second = train_and_evaluate(cfg, str(tmp_path / "split"))
+  assert second["first_step"] == 3
+  assert [h["loss"] for h in whole["history"][3:]] == [h["loss"] for h in second["history"]]
+  assert int(second["state"].step) == 6
+  for a, b in zip(jax.tree.leaves(whole["state"]), jax.tree.leaves(second["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # The same workdir with a model of another shape is refused, naming the key.
+  wider = _config(synthetic_dir, total_steps=8, **{"mesh.fsdp": 2, "sharding.preset": "fsdp",
+                                                   "model.image.width": 64})
+  with pytest.raises(IncompatibleCheckpointError, match=r"model.image.width: 32 in the checkpoint, 64 now"):
+    train_and_evaluate(wider, str(tmp_path / "split"))
+
+
+def test_mesh_that_does_not_fit_stops_at_start(synthetic_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"data=3, fsdp=1, tensor=1\) needs 3 devices, but 8 are present"):
+    train_and_evaluate(_config(synthetic_dir, **{"mesh.data": 3}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by .* 8"):
+    train_and_evaluate(_config(synthetic_dir, batch_size=12), str(tmp_path))
+
+
+def test_unknown_config_keys_are_named():
+  cfg = tiny_config()
+  check_config_keys(cfg, common.base_config())
+  cfg.unlock()
+  cfg.optimizer.lerning_rate = 1.0
+  with pytest.raises(KeyError, match=r"unknown config keys \['optimizer.lerning_rate'\]"):
+    check_config_keys(cfg, common.base_config())
+  with pytest.raises(KeyError, match="'data.imagesize' does not exist"):
+    check_override_flags(["--config.data.imagesize=3"], common.base_config())
+  check_override_flags(["--config.data.image_size=3", "--config.mesh.fsdp=2"], common.base_config())
+  with pytest.raises(AttributeError):  # configs are locked: a typo cannot add a key
+    common.base_config().total_stpes = 3
+  with pytest.raises(ValueError, match="config argument 'stesp' is not one of"):
+    __import__("configs.tiny", fromlist=["x"]).get_config("stesp=3")
+
+
+@pytest.mark.slow
+def test_command_line_entry_point(tmp_path):
+  """The Quick-start command on the built-in data (2 steps), then a rejected unknown key."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:steps=2",
+         f"--workdir={tmp_path}", "--config.data.synthetic.num_train=32", "--config.data.synthetic.num_val=8"]
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "step 2/2" in done.stdout and f"checkpoints in {tmp_path}/checkpoints" in done.stdout
+  assert os.path.exists(tmp_path / "data" / "dataset_info.json")
+  bad = subprocess.run(cmd[:4] + ["--config.optimizer.lr=1"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode != 0 and "config key 'optimizer.lr' does not exist" in bad.stderr
