@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,21 +39,27 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
                      f"{jax.process_count()} processes")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: list | None = None, stop_after: int | None = None) -> dict[str, Any]:
-  """Train `config` in `workdir`; resume from its latest checkpoint if there is one.
+@dataclasses.dataclass
+class Trainer:
+  """Everything a run needs, built from a config: mesh, data, model, state plan, compiled step."""
 
-  `devices` restricts the mesh to a subset of devices; `stop_after` ends this process after that
-  many steps (checkpointing first), as a pre-emption or a time-boxed job would.
-  Returns `state` (the final TrainState), `history` (the logged scalars) and `first_step`.
-  """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  config_json = json.loads(config.to_json())
+  config: ml_collections.ConfigDict
+  mesh: Any
+  data_iter: Any
+  prompts: jax.Array  # (C, L) label-prompt tokens, replicated on the mesh
+  plan: StatePlan
+  step_fn: Any  # compiled (state, batch, prompts) -> (state, metrics)
+  compile_s: float
+
+  def next_batch(self) -> dict[str, jax.Array]:
+    return train_data.to_global(next(self.data_iter), self.mesh)
+
+
+def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   rules = sharding.rules_for(config.sharding.preset)
   check_batch_layout(config, mesh)
-  _say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} device(s), "
+  _say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
        f"preset {config.sharding.preset!r}")
 
   data_dir, tokenizer = train_data.prepare_dataset(config, workdir)
@@ -69,23 +76,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return model.init({"params": rng}, images, phrases, jnp.asarray(prompts))["params"]
 
   plan = StatePlan(init_params, tx, mesh, rules)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
-  first_step = ckpt.latest_step() or 0
-  if first_step:
-    state = ckpt.restore(first_step, plan.abstract, data_iter, config_json)
-    _say(f"resumed from {ckpt.directory}/{first_step}")
-  else:
-    state = plan.initialize(jax.random.key(config.seed))
-  _say(f"parameters: {int(parameter_overview.count_parameters(state.params)):,}")
-
   t0 = time.perf_counter()
   step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed), plan,
                                train_data.batch_spec(config),
                                jax.ShapeDtypeStruct(prompts.shape, prompts.dtype))
+  compile_s = time.perf_counter() - t0
   mem = step_fn.memory_analysis()
-  _say(f"compiled train step in {time.perf_counter() - t0:.1f}s"
+  _say(f"compiled train step in {compile_s:.1f}s"
        + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else ""))
-  prompts_dev = jax.device_put(prompts, sharding.replicated(mesh))
+  return Trainer(config, mesh, data_iter, jax.device_put(prompts, sharding.replicated(mesh)), plan,
+                 step_fn, compile_s)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: list | None = None, stop_after: int | None = None) -> dict[str, Any]:
+  """Train `config` in `workdir`; resume from its latest checkpoint if there is one.
+
+  `devices` restricts the mesh to a subset of devices; `stop_after` ends this process after that
+  many steps (checkpointing first), as a pre-emption or a time-boxed job would.
+  Returns `state` (the final TrainState), `history` (the logged scalars) and `first_step`.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_json = json.loads(config.to_json())
+  trainer = build_trainer(config, workdir, devices)
+  data_iter = trainer.data_iter
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
+  first_step = ckpt.latest_step() or 0
+  if first_step:
+    state = ckpt.restore(first_step, trainer.plan.abstract, data_iter, config_json)
+    _say(f"resumed from {ckpt.directory}/{first_step}")
+  else:
+    state = trainer.plan.initialize(jax.random.key(config.seed))
+  _say(f"parameters: {int(parameter_overview.count_parameters(state.params)):,}")
 
   writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   accum = train_metrics.MetricAccumulator()
@@ -94,9 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_step = config.total_steps if stop_after is None else min(config.total_steps, first_step + stop_after)
   for step in range(first_step, last_step):
     t_data = time.perf_counter()
-    batch = train_data.to_global(next(data_iter), mesh)
+    batch = trainer.next_batch()
     clock.data_wait_s += time.perf_counter() - t_data
-    state, step_metrics = step_fn(state, batch, prompts_dev)
+    state, step_metrics = trainer.step_fn(state, batch, trainer.prompts)
     accum.update(step_metrics)
     done = step + 1
     if done == first_step + 1:
