@@ -6,8 +6,9 @@ batch 16. Generates its data into <workdir>/data on first use.
   python -m launch.train --config=configs/tiny.py --workdir=workdir/tiny
   python -m launch.train --config=configs/tiny.py:steps=300,preset=fsdp --workdir=workdir/tiny_fsdp
 
-Expect (2-core CPU): data generation ~2 s, compile ~10 s, then ~10 steps/s; the total loss falls
-from ~9 to below ~6 within 200 steps (the box terms fall fastest). Checkpoints go to
+Expect (2-core CPU, one device): data generation ~1 s, compile ~10 s, then ~12 steps/s; about
+35 s in all. The total loss falls from ~9.6 (step 20) to ~2.8 (step 200); the box terms fall
+fastest (GIoU loss 1.1 -> 0.3), the region-phrase loss 3.2 -> 1.3. Checkpoints go to
 <workdir>/checkpoints, metrics to <workdir>/metrics.jsonl. Rerunning the command resumes.
 
 Arguments: steps (int), batch (int), preset ('dp' | 'fsdp'), fsdp (mesh fsdp size; data = -1).

@@ -8,7 +8,7 @@ Rerunning the same command on the same workdir resumes from its latest checkpoin
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from avlm_jax.config_check import check_config_keys, check_override_flags
@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the progress lines go to stdout; library INFO is noise
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)

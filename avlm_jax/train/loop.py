@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from avlm_jax.train.step import compile_train_step, make_train_step
 
 
 def _say(msg: str) -> None:
-  logging.info(msg)
+  """A line for the person running the job: stdout, process 0 only."""
   if jax.process_index() == 0:
     print(msg, flush=True)
 
