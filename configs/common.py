@@ -62,15 +62,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image = ml_collections.ConfigDict(
       dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0))
   c.model.text = ml_collections.ConfigDict(
-      dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0))
+      dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0,
+           frozen=False))  # frozen: no updates; pooled features cached per distinct text
 
   # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU) + fine_weight·L_fine + global_weight·L_global
   c.loss = ml_collections.ConfigDict(
       dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, fine_weight=1.0, global_weight=1.0))
 
+  # The paper's stages: detection only, then + image-level (global_start), then + region-phrase
+  # (fine_start). A value >= 1 is a step, a value in [0, 1) a fraction of total_steps.
+  c.stages = ml_collections.ConfigDict(dict(global_start=0.0, fine_start=0.0))
+
   c.optimizer = ml_collections.ConfigDict(
       dict(learning_rate=1e-3, warmup_steps=10, end_lr_fraction=0.01, weight_decay=1e-4,
            b1=0.9, b2=0.999, grad_clip_norm=1.0))
+  # (regex over 'image/block_0/mlp/fc1/kernel'-style paths, learning-rate multiplier); the first
+  # full match wins, 1.0 otherwise, 0 freezes. E.g. (("text/.*", 0.1),) for a LiT-style slow tower.
+  c.optimizer.lr_multipliers = ()
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(preset="dp"))

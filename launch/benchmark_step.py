@@ -34,6 +34,7 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="avlm_bench_")
   trainer = build_trainer(config, workdir)
   state = trainer.plan.initialize(jax.random.key(config.seed))
+  trainer.start(state)
   for _ in range(_WARMUP.value):
     state, _ = trainer.step_fn(state, trainer.next_batch(), trainer.prompts)
   jax.block_until_ready(state)

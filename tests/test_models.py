@@ -47,20 +47,19 @@ def test_region_embedding_uses_patch_context():
 
 
 def test_text_tower_shapes_and_padding_invariance():
-  tower = TextTower(vocab_size=50, width=32, depth=2, num_heads=4, mlp_dim=64, embed_dim=16, max_len=16)
+  tower = TextTower(vocab_size=50, width=32, depth=2, num_heads=4, mlp_dim=64, max_len=16)
   tokens = jnp.array([[[2, 7, 9, 3, 0, 0], [2, 5, 3, 0, 0, 0]]])  # (1, 2, 6)
   out, params = tower.init_with_output(jax.random.key(0), tokens)
   assert out["hidden"].shape == (1, 2, 6, 32)
   assert out["pooled"].shape == (1, 2, 32)
-  assert out["embedding"].shape == (1, 2, 16)
-  # Extra padding must not change the embedding of a text.
+  # Extra padding must not change the pooled representation of a text.
   longer = jnp.pad(tokens, ((0, 0), (0, 0), (0, 4)))
   out2 = tower.apply(params, longer)
-  np.testing.assert_allclose(out["embedding"], out2["embedding"], atol=1e-5)
+  np.testing.assert_allclose(out["pooled"], out2["pooled"], atol=1e-5)
 
 
 def test_text_tower_rejects_too_long_input():
-  tower = TextTower(vocab_size=50, width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=8, max_len=4)
+  tower = TextTower(vocab_size=50, width=16, depth=1, num_heads=2, mlp_dim=32, max_len=4)
   with pytest.raises(ValueError, match="exceeds the text tower's max_len 4"):
     tower.init(jax.random.key(0), jnp.ones((1, 5), jnp.int32))
 
@@ -81,6 +80,16 @@ def test_anatomy_vlm_outputs_and_logit_scale_clamp():
   assert out["prompt_emb"].shape == (5, e)
   np.testing.assert_allclose(out["region_scale"], 1 / 0.07, rtol=1e-5)
   params = nn.unbox(variables["params"])
+  # Cached pooled features give exactly the embeddings the token path gives.
+  s, lp = cfg.data.image_size, cfg.data.max_phrase_len
+  tokens = jnp.ones((2, R, lp), jnp.int32)
+  pooled = model.apply({"params": params}, tokens, method=model.encode_text)["pooled"]
+  via_features = model.apply({"params": params}, jnp.zeros((2, s, s, 1)), phrase_features=pooled,
+                             prompt_tokens=jnp.ones((5, lp), jnp.int32))
+  np.testing.assert_allclose(via_features["phrase_emb"], out["phrase_emb"], atol=1e-6)
+  with pytest.raises(ValueError, match="exactly one of token ids or cached text features"):
+    model.apply({"params": params}, jnp.zeros((2, s, s, 1)), tokens, phrase_features=pooled,
+                prompt_tokens=jnp.ones((5, lp), jnp.int32))
   params["region_log_scale"] = jnp.asarray(10.0)  # exp(10) >> 100
   scales = model.apply({"params": params}, method=model.logit_scales)
   assert float(scales["region_scale"]) == pytest.approx(100.0, rel=1e-5)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from avlm_jax.losses import contrastive, detection
 
 
 def anatomy_vlm_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
-                     weights: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     weights: Mapping[str, jax.Array | float]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss, and every part reported separately (unweighted) with logit statistics."""
   det = detection.detection_loss(outputs["boxes"], batch["boxes"], batch["box_present"])
   b, r, e = outputs["region_emb"].shape
@@ -24,9 +25,9 @@ def anatomy_vlm_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   glob = contrastive.image_label_loss(
       outputs["image_emb"], outputs["prompt_emb"], batch["labels"],
       outputs["global_scale"], outputs["global_bias"])
-  anat = weights.l1_weight * det["l1"] + weights.giou_weight * det["giou"]
-  total = (weights.anatomy_weight * anat + weights.fine_weight * fine["loss"]
-           + weights.global_weight * glob["loss"])
+  anat = weights["l1_weight"] * det["l1"] + weights["giou_weight"] * det["giou"]
+  total = (weights["anatomy_weight"] * anat + weights["fine_weight"] * fine["loss"]
+           + weights["global_weight"] * glob["loss"])
   metrics = {
       "loss": total,
       "loss_anatomy": anat,

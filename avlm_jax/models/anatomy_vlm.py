@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from avlm_jax.models import layers
-from avlm_jax.models.anatomy_vit import AnatomyViT
+from avlm_jax.models.anatomy_vit import AnatomyViT, l2_normalize
 from avlm_jax.models.text_tower import TextTower
 
 
@@ -29,6 +29,7 @@ def _dtype(name: str) -> Any:
 class AnatomyVLM(nn.Module):
   image: AnatomyViT
   text: TextTower
+  embed_dim: int
   logit_scale_init: float = 1.0 / 0.07
   logit_scale_max: float = 100.0  # CLIP's clamp: keeps the temperature from collapsing.
   global_bias_init: float = -2.0  # Prior of a rare positive label in the multi-label sigmoid loss.
@@ -38,6 +39,7 @@ class AnatomyVLM(nn.Module):
     self.region_log_scale = self.param("region_log_scale", scalar(math.log(self.logit_scale_init)), ())
     self.global_log_scale = self.param("global_log_scale", scalar(math.log(self.logit_scale_init)), ())
     self.global_bias = self.param("global_bias", scalar(self.global_bias_init), ())
+    self.text_projection = layers.dense(self.embed_dim, ("embed", "joint"), self.text.dtype, "text_projection")
 
   def logit_scales(self) -> dict[str, jax.Array]:
     cap = math.log(self.logit_scale_max)
@@ -50,15 +52,30 @@ class AnatomyVLM(nn.Module):
   def encode_image(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
     return self.image(images, train=train)
 
-  def encode_text(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-    return self.text(tokens, train=train)
+  def embed_text_features(self, pooled: jax.Array) -> jax.Array:
+    """Pooled text-tower features (..., D) -> L2-normalised joint embeddings (..., E)."""
+    return l2_normalize(self.text_projection(pooled))
 
-  def __call__(self, images: jax.Array, phrase_tokens: jax.Array, prompt_tokens: jax.Array,
-               *, train: bool = False) -> dict[str, jax.Array]:
-    """images (B,H,W,C) float; phrase_tokens (B,R,L); prompt_tokens (C,L) -> all embeddings + boxes."""
+  def encode_text(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    out = dict(self.text(tokens, train=train))
+    out["embedding"] = self.embed_text_features(out["pooled"])
+    return out
+
+  def _texts(self, tokens, features, train):
+    if (tokens is None) == (features is None):
+      raise ValueError("pass exactly one of token ids or cached text features")
+    if features is not None:
+      return self.embed_text_features(features)
+    return self.encode_text(tokens, train=train)["embedding"]
+
+  def __call__(self, images: jax.Array, phrase_tokens: jax.Array | None = None,
+               prompt_tokens: jax.Array | None = None, *, phrase_features: jax.Array | None = None,
+               prompt_features: jax.Array | None = None, train: bool = False) -> dict[str, jax.Array]:
+    """images (B,H,W,C) float; phrases as tokens (B,R,L) or cached pooled features (B,R,D);
+    label prompts as tokens (C,L) or features (C,D) -> all embeddings, boxes and logit scales."""
     out = dict(self.image(images, train=train))
-    out["phrase_emb"] = self.text(phrase_tokens, train=train)["embedding"]
-    out["prompt_emb"] = self.text(prompt_tokens, train=train)["embedding"]
+    out["phrase_emb"] = self._texts(phrase_tokens, phrase_features, train)
+    out["prompt_emb"] = self._texts(prompt_tokens, prompt_features, train)
     out.update(self.logit_scales())
     return out
 
@@ -74,8 +91,9 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ana
           dtype=dtype),
       text=TextTower(
           vocab_size=vocab_size, width=txt.width, depth=txt.depth, num_heads=txt.num_heads,
-          mlp_dim=txt.mlp_dim, embed_dim=model_config.embed_dim, max_len=txt.max_len,
+          mlp_dim=txt.mlp_dim, max_len=txt.max_len,
           pooling=txt.pooling, dropout_rate=txt.dropout, dtype=dtype),
+      embed_dim=model_config.embed_dim,
       logit_scale_init=model_config.logit_scale_init,
       logit_scale_max=model_config.logit_scale_max,
       global_bias_init=model_config.global_bias_init,

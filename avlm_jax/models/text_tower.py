@@ -1,9 +1,10 @@
 """A BERT-family text encoder in Flax linen (transformers 5 ships no Flax models).
 
 Layout follows BERT (word + position + token-type embeddings, LayerNorm, post-norm encoder layers,
-exact GELU), so HF BERT-family checkpoints map onto it parameter for parameter. The pooled text
-representation (masked mean, as sentence-transformers do, or CLS) is projected into the joint
-image–text space and L2-normalised.
+exact GELU), so HF BERT-family checkpoints map onto it parameter for parameter. It returns the
+last hidden states and the pooled text representation (masked mean, as sentence-transformers do,
+or CLS). The projection into the joint image–text space lives in `AnatomyVLM`, outside the
+tower: a frozen tower's pooled features can then be cached while the projection still trains.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from avlm_jax.models import layers
-from avlm_jax.models.anatomy_vit import l2_normalize
 
 Dtype = Any
 
@@ -26,7 +26,6 @@ class TextTower(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
-  embed_dim: int
   max_len: int = 512
   type_vocab_size: int = 2
   pad_id: int = 0
@@ -37,7 +36,7 @@ class TextTower(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-    """`tokens` (..., L) int ids -> dict with `hidden` (..., L, D), `pooled` (..., D), `embedding` (..., E)."""
+    """`tokens` (..., L) int ids -> dict with `hidden` (..., L, D) and `pooled` (..., D) float32."""
     lead, length = tokens.shape[:-1], tokens.shape[-1]
     if length > self.max_len:
       raise ValueError(f"token length {length} exceeds the text tower's max_len {self.max_len}")
@@ -70,9 +69,7 @@ class TextTower(nn.Module):
       pooled = x[:, 0].astype(jnp.float32)
     else:
       raise ValueError(f"unknown text pooling {self.pooling!r}; expected 'mean' or 'cls'")
-    emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "projection")(pooled)
     return {
         "hidden": x.reshape(*lead, length, self.width),
         "pooled": pooled.reshape(*lead, self.width),
-        "embedding": l2_normalize(emb).reshape(*lead, self.embed_dim),
     }

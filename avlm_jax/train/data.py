@@ -45,7 +45,10 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokeni
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one *global* batch, as `DecodeTriple` + batching produce them."""
+  """Shapes and dtypes of one *global* batch as the step sees it.
+
+  With a frozen text tower the phrase token ids are replaced by cached pooled features.
+  """
   b, r, s = config.batch_size, anatomy.NUM_REGIONS, config.data.image_size
   spec = {
       "image": ((b, s, s, 1), np.uint8),
@@ -56,6 +59,9 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
       "has_phrase": ((b, r), np.bool_),
       "labels": ((b, len(config.labels)), np.float32),
   }
+  if config.model.text.frozen:
+    del spec["phrase_tokens"]
+    spec["phrase_features"] = ((b, r, config.model.text.width), np.float32)
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
 

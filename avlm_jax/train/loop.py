@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from clu import parameter_overview
 
 from avlm_jax import anatomy, sharding
@@ -18,8 +19,10 @@ from avlm_jax.models.anatomy_vlm import build_model
 from avlm_jax.train import data as train_data
 from avlm_jax.train import metrics as train_metrics
 from avlm_jax.train.checkpoint import Checkpointer
-from avlm_jax.train.state import StatePlan, make_optimizer
+from avlm_jax.train import schedule
+from avlm_jax.train.state import StatePlan, make_optimizer, optimizer_groups
 from avlm_jax.train.step import compile_train_step, make_train_step
+from avlm_jax.train.text_cache import TextFeatureCache
 
 
 def _say(msg: str) -> None:
@@ -40,18 +43,44 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
 
 @dataclasses.dataclass
 class Trainer:
-  """Everything a run needs, built from a config: mesh, data, model, state plan, compiled step."""
+  """Everything a run needs, built from a config: mesh, data, model, state plan, compiled step.
+
+  `start(state)` must be called once the state exists: with a frozen text tower it builds the
+  text-feature cache from the state's text params and encodes the label prompts once.
+  """
 
   config: ml_collections.ConfigDict
   mesh: Any
+  model: Any
   data_iter: Any
-  prompts: jax.Array  # (C, L) label-prompt tokens, replicated on the mesh
+  prompt_tokens: np.ndarray  # (C, L) label-prompt token ids
   plan: StatePlan
   step_fn: Any  # compiled (state, batch, prompts) -> (state, metrics)
   compile_s: float
+  prompts: jax.Array | None = None  # tokens, or frozen-tower features, replicated on the mesh
+  text_cache: TextFeatureCache | None = None
+
+  def start(self, state) -> None:
+    if self.config.model.text.frozen:
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      bucket = -(-256 // shards) * shards  # a multiple of the batch shards
+      # A copy: the state's own buffers are donated to the next step; frozen params never change.
+      text_params = jax.tree.map(jnp.copy, state.params["text"])
+      encode = jax.jit(lambda params, tokens: self.model.text.apply({"params": params}, tokens)["pooled"])
+      with sharding.activate(self.mesh, self.plan.rules):
+        self.text_cache = TextFeatureCache(lambda tokens: encode(text_params, tokens),
+                                           self.config.model.text.width, bucket)
+        prompts = self.text_cache.features(self.prompt_tokens)
+    else:
+      prompts = self.prompt_tokens
+    self.prompts = jax.device_put(prompts, sharding.replicated(self.mesh))
 
   def next_batch(self) -> dict[str, jax.Array]:
-    return train_data.to_global(next(self.data_iter), self.mesh)
+    local = next(self.data_iter)
+    if self.text_cache is not None:
+      with sharding.activate(self.mesh, self.plan.rules):
+        local["phrase_features"] = self.text_cache.features(local.pop("phrase_tokens"))
+    return train_data.to_global(local, self.mesh)
 
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
@@ -66,7 +95,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   prompts = tokenizer([config.prompt_template.format(l) for l in config.labels], config.data.max_prompt_len)
 
   model = build_model(config.model, tokenizer.vocab_size)
-  tx = make_optimizer(config.optimizer, config.total_steps)
+  groups = optimizer_groups(config.optimizer, config.model.text.frozen)
+  tx = make_optimizer(config.optimizer, config.total_steps, groups)
   s = config.data.image_size
 
   def init_params(rng):
@@ -75,16 +105,20 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
     return model.init({"params": rng}, images, phrases, jnp.asarray(prompts))["params"]
 
   plan = StatePlan(init_params, tx, mesh, rules)
+  if config.model.text.frozen:
+    prompt_spec = jax.ShapeDtypeStruct((len(config.labels), config.model.text.width), np.float32)
+  else:
+    prompt_spec = jax.ShapeDtypeStruct(prompts.shape, prompts.dtype)
+  starts = schedule.stage_starts(config.stages, config.total_steps)
   t0 = time.perf_counter()
-  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed), plan,
-                               train_data.batch_spec(config),
-                               jax.ShapeDtypeStruct(prompts.shape, prompts.dtype))
+  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed, starts), plan,
+                               train_data.batch_spec(config), prompt_spec)
   compile_s = time.perf_counter() - t0
   mem = step_fn.memory_analysis()
   _say(f"compiled train step in {compile_s:.1f}s"
-       + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else ""))
-  return Trainer(config, mesh, data_iter, jax.device_put(prompts, sharding.replicated(mesh)), plan,
-                 step_fn, compile_s)
+       + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
+       + f"; stages: +global at step {starts[0]}, +fine at step {starts[1]}")
+  return Trainer(config, mesh, model, data_iter, prompts, plan, step_fn, compile_s)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -108,6 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _say(f"resumed from {ckpt.directory}/{first_step}")
   else:
     state = trainer.plan.initialize(jax.random.key(config.seed))
+  trainer.start(state)
   _say(f"parameters: {int(parameter_overview.count_parameters(state.params)):,}")
 
   writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)

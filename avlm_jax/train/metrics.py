@@ -89,7 +89,10 @@ class Throughput:
 def progress_line(step: int, total: int, scalars: dict[str, float], rates: dict[str, float]) -> str:
   terms = ", ".join(f"{k[5:]} {scalars[k]:.4f}" for k in ("loss_l1", "loss_giou", "loss_fine", "loss_global")
                     if k in scalars)
-  parts = [f"step {step}/{total}", f"loss {scalars.get('loss', float('nan')):.4f} ({terms})"]
+  parts = [f"step {step}/{total}"]
+  if "stage" in scalars:
+    parts.append(f"stage {scalars['stage']:.0f}")
+  parts.append(f"loss {scalars.get('loss', float('nan')):.4f} ({terms})")
   if rates:
     eta = (total - step) / max(rates["steps_per_s"], 1e-9)
     parts.append(f"{rates['steps_per_s']:.2f} steps/s, {rates['examples_per_s']:.1f} ex/s, "

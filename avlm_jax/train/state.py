@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -21,44 +22,112 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay and global-norm clipping.
+def param_path(path) -> str:
+  """'image/block_0/mlp/fc1/kernel': the string the optimizer's regexes match.
 
-  Weight decay applies to matrices only (kernels, embeddings), not to biases, LayerNorm or scalars.
+  A logical-partitioning box adds a trailing `.value` to the path of the array it holds; it is
+  dropped so boxed and plain trees give the same names.
+  """
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+    names = names[:-1]
+  return "/".join(names)
+
+
+def lr_groups(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
+  """A tree of learning-rate multipliers: the first regex (full match) that fits a path wins; 1.0 else."""
+  compiled = [(re.compile(pattern), float(m)) for pattern, m in rules]
+
+  def one(path, _):
+    name = param_path(path)
+    return next((m for pattern, m in compiled if pattern.fullmatch(name)), 1.0)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def optimizer_groups(cfg: ml_collections.ConfigDict, text_frozen: bool) -> list[tuple[str, float]]:
+  """The config's (regex, multiplier) rules; a frozen text tower gets multiplier 0 first."""
+  rules = [(str(p), float(m)) for p, m in cfg.lr_multipliers]
+  return ([("text/.*", 0.0)] if text_frozen else []) + rules
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                   groups: Sequence[tuple[str, float]] = ()) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (linear warmup + cosine decay) per learning-rate group.
+
+  `groups` are (regex, multiplier) rules over parameter paths: new heads and pretrained weights can
+  learn at different rates (LiT-style per-tower rates), and multiplier 0 freezes a subtree (no
+  update, no optimizer state). Weight decay applies to matrices only, not biases, norms or scalars.
   """
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
+  base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.end_lr_fraction)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+
+  def adamw(multiplier: float) -> optax.GradientTransformation:
+    if multiplier == 0.0:
+      return optax.set_to_zero()
+    schedule = base if multiplier == 1.0 else (lambda step: multiplier * base(step))
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+
+  multipliers = sorted({1.0} | {float(m) for _, m in groups})
+  label = lambda params: jax.tree.map(lambda m: f"lr_x{m:g}", lr_groups(params, groups))
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip_norm),
-      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+      optax.multi_transform({f"lr_x{m:g}": adamw(m) for m in multipliers}, label),
   )
+
+
+def _opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any, mesh) -> Any:
+  """Optimizer-state shardings: a leaf shaped like a parameter, whose path ends with that
+  parameter's path (Adam's `mu/image/.../kernel`), is sharded like it; everything else (counts,
+  masked placeholders) is replicated. Works for any optax chain, masked or multi-transformed."""
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                              jax.tree.leaves(param_shardings)):
+    by_path[param_path(path)] = (leaf.shape, sh)
+  replicated = sharding.replicated(mesh)
+
+  def one(path, leaf):
+    parts = param_path(path).split("/")
+    for k in range(len(parts)):
+      hit = by_path.get("/".join(parts[k:]))
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
 class StatePlan:
   """Where every leaf of the train state will live, before any of it exists.
 
-  `eval_shape` of the (boxed) init gives shapes and logical names; the preset's rules turn them
-  into shardings. `abstract` (ShapeDtypeStructs carrying those shardings) is the target of a
-  checkpoint restore; `initialize` runs `jit(init, out_shardings=...)`, so a fresh state is born
-  sharded: no full copy of it ever sits on one device or on the host.
+  `eval_shape` of the init gives shapes and the parameters' logical names; the preset's rules
+  turn them into shardings (the optimizer state follows its parameters). `abstract`
+  (ShapeDtypeStructs carrying those shardings) is the target of a checkpoint restore;
+  `initialize` runs `jit(init, out_shardings=...)`, so a fresh state is born sharded: no full copy
+  of it ever sits on one device or on the host.
   """
 
   def __init__(self, init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                mesh, rules):
-    def init_boxed(rng):
-      params = init_params(rng)
+    def init_state(rng):
+      params = nn.unbox(init_params(rng))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    self._init_boxed = init_boxed
+    self._init_state = init_state
     self.mesh, self.rules = mesh, rules
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    self.shardings: TrainState = sharding.logical_to_shardings(boxed, mesh, rules)
+    key = jax.random.key(0)
+    boxed_params = jax.eval_shape(init_params, key)
+    abstract = jax.eval_shape(init_state, key)
+    param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
+    self.shardings = TrainState(
+        step=sharding.replicated(mesh), params=param_shardings,
+        opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, mesh))
     self.abstract: TrainState = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), self.shardings)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, self.shardings)
 
   def initialize(self, rng: jax.Array) -> TrainState:
     with sharding.activate(self.mesh, self.rules):
-      return jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.shardings)(rng)
+      return jax.jit(self._init_state, out_shardings=self.shardings)(rng)

@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from avlm_jax import sharding
+from avlm_jax.train import schedule
 from avlm_jax.losses.multiscale import anatomy_vlm_loss
 from avlm_jax.train.state import StatePlan, TrainState
 
@@ -27,27 +28,41 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 
 def make_loss_fn(model, loss_cfg: ml_collections.ConfigDict) -> Callable:
-  """`loss_fn(params, batch, prompt_tokens, rng, train) -> (loss, metrics)`."""
+  """`loss_fn(params, batch, prompts, rng, train, weights=None) -> (loss, metrics)`.
 
-  def loss_fn(params, batch: Batch, prompt_tokens: jax.Array, rng: jax.Array, train: bool = True):
-    outputs = model.apply(
-        {"params": params}, normalize_images(batch["image"]), batch["phrase_tokens"], prompt_tokens,
-        train=train, rngs={"dropout": rng})
-    return anatomy_vlm_loss(outputs, batch, loss_cfg)
+  Texts come as token ids (`batch["phrase_tokens"]`, int `prompts`) and run through the text
+  tower, or as cached pooled features of a frozen tower (`batch["phrase_features"]`, float
+  `prompts`), in which case the step runs only the image tower and the text projection.
+  `weights` (from `schedule.loss_weights`) default to the configured ones.
+  """
+
+  def loss_fn(params, batch: Batch, prompts: jax.Array, rng: jax.Array, train: bool = True,
+              weights: dict | None = None):
+    texts = ({"phrase_features": batch["phrase_features"]} if "phrase_features" in batch
+             else {"phrase_tokens": batch["phrase_tokens"]})
+    texts["prompt_features" if jnp.issubdtype(prompts.dtype, jnp.floating) else "prompt_tokens"] = prompts
+    outputs = model.apply({"params": params}, normalize_images(batch["image"]), **texts,
+                          train=train, rngs={"dropout": rng})
+    return anatomy_vlm_loss(outputs, batch, weights if weights is not None else loss_cfg)
 
   return loss_fn
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-                    seed: int) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+                    seed: int, stage_starts: tuple[int, int] = (0, 0)
+                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
   loss_fn = make_loss_fn(model, loss_cfg)
 
-  def train_step(state: TrainState, batch: Batch, prompt_tokens: jax.Array):
+  def train_step(state: TrainState, batch: Batch, prompts: jax.Array):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, prompt_tokens, rng)
+    weights = schedule.loss_weights(state.step, loss_cfg, stage_starts)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, prompts, rng, True, weights)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics.update({f"weight_{k.removesuffix('_weight')}": v for k, v in weights.items() if k != "stage"})
+    metrics["stage"] = weights["stage"]
     metrics["param_norm"] = optax.tree.norm(params)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
