@@ -60,6 +60,26 @@ def test_exact_resume_on_fsdp_mesh(synthetic_dir, tmp_path):
     train_and_evaluate(wider, str(tmp_path / "split"))
 
 
+@pytest.mark.slow
+def test_frozen_text_tower_and_three_stages(synthetic_dir, tmp_path):
+  """Frozen tower + feature cache: text params never move, the image side does; stages switch on."""
+  cfg = _config(synthetic_dir, total_steps=6, checkpoint_every=3,
+                **{"model.text.frozen": True, "stages.global_start": 2.0, "stages.fine_start": 4.0})
+  first = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2], stop_after=3)
+  second = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2])
+  stages = [h["stage"] for h in first["history"] + second["history"]]
+  assert stages == [1, 1, 2, 2, 3, 3]
+  weights = [(h["weight_global"], h["weight_fine"]) for h in first["history"] + second["history"]]
+  assert weights == [(0, 0), (0, 0), (1, 0), (1, 0), (1, 1), (1, 1)]
+  a, b = first["state"].params, second["state"].params
+  for x, y in zip(jax.tree.leaves(a["text"]), jax.tree.leaves(b["text"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  moved = [np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in
+           zip(jax.tree.leaves(a["image"]), jax.tree.leaves(b["image"]))]
+  assert max(moved) > 0
+  assert not np.array_equal(np.asarray(a["text_projection"]["kernel"]), np.asarray(b["text_projection"]["kernel"]))
+
+
 def test_mesh_that_does_not_fit_stops_at_start(synthetic_dir, tmp_path):
   with pytest.raises(ValueError, match=r"data=3, fsdp=1, tensor=1\) needs 3 devices, but 8 are present"):
     train_and_evaluate(_config(synthetic_dir, **{"mesh.data": 3}), str(tmp_path))

@@ -1,0 +1,38 @@
+import numpy as np
+
+from avlm_jax.train.text_cache import TextFeatureCache
+
+
+class CountingEncoder:
+  """A deterministic stand-in for the frozen tower: features are a function of the token row."""
+
+  def __init__(self):
+    self.rows = 0
+
+  def __call__(self, tokens):
+    self.rows += int((tokens != 0).any(axis=1).sum())
+    return np.stack([tokens.sum(1), tokens[:, 0], (tokens != 0).sum(1)], axis=1).astype(np.float32)
+
+
+def test_each_distinct_text_is_encoded_once_and_lookups_are_exact():
+  enc = CountingEncoder()
+  cache = TextFeatureCache(enc, width=3, bucket=4)
+  a = np.array([[[2, 5, 3, 0], [2, 6, 3, 0]], [[2, 5, 3, 0], [2, 3, 0, 0]]], np.int32)  # (2, 2, 4), one repeat
+  out = cache.features(a)
+  assert out.shape == (2, 2, 3)
+  np.testing.assert_array_equal(out, enc(a.reshape(-1, 4)).reshape(2, 2, 3))
+  assert len(cache) == 3 and cache.misses == 3 and cache.hits == 1
+  rows = enc.rows
+  again = cache.features(a[::-1])
+  np.testing.assert_array_equal(again, out[::-1])
+  assert enc.rows == rows and cache.hits == 5
+
+
+def test_cache_grows_past_its_bucket():
+  enc = CountingEncoder()
+  cache = TextFeatureCache(enc, width=3, bucket=4)
+  tokens = np.array([[2, i, 3] for i in range(5, 30)], np.int32)  # 25 distinct texts
+  out = cache.features(tokens)
+  np.testing.assert_array_equal(out, enc(tokens))
+  assert len(cache) == 25
+  np.testing.assert_array_equal(cache.features(tokens[:3]), out[:3])
