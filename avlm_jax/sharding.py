@@ -1,7 +1,7 @@
 """Device mesh and logical-axis rules: the one place that decides where arrays live.
 
 Models name their parameter axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, `length`, `region`,
-`joint`) and activation axes (`act_batch`, `act_len`, `act_embed`, …). A *preset* is one rule table
+`joint`, and `layers` for scanned layer stacks) and activation axes (`act_batch`, `act_len`, `act_embed`, …). A *preset* is one rule table
 mapping those names onto the mesh axes `('data', 'fsdp', 'tensor')`; switching presets changes no
 model code. The batch is always split over `('data', 'fsdp')`.
 """
@@ -37,13 +37,13 @@ RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     # Data parallel: parameters replicated on every device.
     "dp": _ACTIVATIONS + (
         ("embed", None), ("mlp", None), ("heads", None), ("kv", None), ("vocab", None),
-        ("length", None), ("region", None), ("joint", None),
+        ("length", None), ("region", None), ("joint", None), ("layers", None),
     ),
     # Fully sharded data parallel (ZeRO-3 style): every parameter's `embed` dimension is split over
     # `fsdp`; XLA all-gathers weights per layer and reduce-scatters their gradients.
     "fsdp": _ACTIVATIONS + (
         ("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None), ("vocab", None),
-        ("length", None), ("region", None), ("joint", None),
+        ("length", None), ("region", None), ("joint", None), ("layers", None),
     ),
 }
 

@@ -60,9 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.logit_scale_max = 100.0
   c.model.global_bias_init = -2.0
   c.model.image = ml_collections.ConfigDict(
-      dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0))
+      dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
+           scan=False, remat_policy="none"))  # remat: none | full | dots | dots_no_batch
   c.model.text = ml_collections.ConfigDict(
       dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0,
+           scan=False, remat_policy="none",
            frozen=False))  # frozen: no updates; pooled features cached per distinct text
 
   # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU) + fine_weight·L_fine + global_weight·L_global

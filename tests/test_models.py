@@ -103,3 +103,30 @@ def test_every_parameter_carries_logical_axis_names():
   for path, leaf in leaves:
     assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
     assert len(leaf.names) == leaf.value.ndim, (jax.tree_util.keystr(path), leaf.names)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full", "dots"])
+def test_scan_and_remat_give_the_same_outputs_and_grads_as_the_loop(remat_policy):
+  from avlm_jax.models import layers
+
+  kw = dict(patch_size=8, width=16, depth=3, num_heads=2, mlp_dim=32, embed_dim=8)
+  loop = AnatomyViT(**kw)
+  scanned = AnatomyViT(**kw, scan=True, remat_policy=remat_policy)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  params = nn.unbox(loop.init(jax.random.key(1), images)["params"])
+  stacked = layers.scan_layers(params, "block", 3)
+  assert stacked["blocks"]["block"]["mlp"]["fc1"]["kernel"].shape == (3, 16, 32)
+  boxed = scanned.init(jax.random.key(1), images)["params"]
+  assert boxed["blocks"]["block"]["mlp"]["fc1"]["kernel"].names == ("layers", "embed", "mlp")
+  a = loop.apply({"params": params}, images)
+  b = scanned.apply({"params": stacked}, images)
+  np.testing.assert_allclose(a["region_emb"], b["region_emb"], atol=1e-5)
+  loss = lambda m, p: jnp.sum(m.apply({"params": p}, images)["boxes"] ** 2)
+  g_loop = jax.grad(lambda p: loss(loop, p))(params)
+  g_scan = jax.grad(lambda p: loss(scanned, p))(stacked)
+  for x, y in zip(jax.tree.leaves(layers.scan_layers(g_loop, "block", 3)), jax.tree.leaves(g_scan)):
+    # float32 sums in another order: tolerance relative to the tensor's largest gradient
+    np.testing.assert_allclose(x, y, atol=1e-5 * float(np.abs(y).max()) + 1e-6)
+  back = layers.unscan_layers(stacked, "block")
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(x, y)

@@ -56,6 +56,8 @@ class AnatomyViT(nn.Module):
   num_regions: int = anatomy.NUM_REGIONS
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  scan: bool = False
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -89,11 +91,11 @@ class AnatomyViT(nn.Module):
     x = nn.with_logical_constraint(x, layers.ACT_SEQ)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
-    for i in range(self.depth):
-      x = layers.EncoderBlock(
-          self.num_heads, self.mlp_dim, pre_norm=True, layer_norm_eps=1e-6,
-          dropout_rate=self.dropout_rate, dtype=self.dtype, name=f"block_{i}",
-      )(x, None, deterministic=deterministic)
+    x = layers.encoder_stack(
+        x, None, deterministic=deterministic, depth=self.depth, scan=self.scan,
+        remat_policy=self.remat_policy, prefix="block",
+        block_kwargs=dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
+                          layer_norm_eps=1e-6, dropout_rate=self.dropout_rate, dtype=self.dtype))
     x = layers.layer_norm(1e-6, self.dtype, "encoder_ln")(x)
 
     cls_out = x[:, 0]

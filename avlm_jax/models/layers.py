@@ -116,7 +116,8 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    # `deterministic` is positional so `nn.remat(..., static_argnums=(3,))` can mark it static.
     attn = MultiHeadSelfAttention(self.num_heads, self.dtype, self.dropout_rate, name="attention")
     mlp = MlpBlock(self.mlp_dim, self.dtype, self.dropout_rate, self.gelu_approximate, name="mlp")
     ln_attn = layer_norm(self.layer_norm_eps, self.dtype, "attention_ln")
@@ -141,3 +142,67 @@ def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, nam
       bias_init=partitioned(nn.initializers.zeros, (names[1],)),
       name=name,
   )
+
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class _ScanBlock(nn.Module):
+  """EncoderBlock in the (carry, output) form `nn.scan` wants."""
+
+  block_kwargs: dict
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    return EncoderBlock(**self.block_kwargs, name="block")(x, mask, deterministic=deterministic), None
+
+
+def encoder_stack(x: jax.Array, mask: jax.Array | None, *, deterministic: bool, depth: int,
+                  block_kwargs: dict, scan: bool, remat_policy: str, prefix: str) -> jax.Array:
+  """`depth` EncoderBlocks, as a Python loop (`{prefix}_{i}` params) or an `nn.scan`.
+
+  Scanning stacks the layers' params along a leading `layers` axis (`{prefix}s/block/...`): one
+  compiled layer instead of `depth`, much faster compiles at depth 12+. `remat_policy` picks what
+  the backward pass recomputes (see REMAT_POLICIES). Must be called inside a compact module.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+  policy = REMAT_POLICIES[remat_policy]
+  if scan:
+    cls = _ScanBlock
+    if remat_policy != "none":
+      cls = nn.remat(cls, policy=policy, prevent_cse=False, static_argnums=(3,))
+    stack = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=depth,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(block_kwargs, name=f"{prefix}s")(x, mask, deterministic)
+    return x
+  cls = EncoderBlock
+  if remat_policy != "none":
+    cls = nn.remat(cls, policy=policy, static_argnums=(3,))
+  for i in range(depth):
+    x = cls(**block_kwargs, name=f"{prefix}_{i}")(x, mask, deterministic)
+  return x
+
+
+def scan_layers(params: dict, prefix: str, depth: int) -> dict:
+  """Unscanned `{prefix}_{i}` subtrees -> one scanned `{prefix}s/block` subtree (leading layer axis)."""
+  out = {k: v for k, v in params.items() if not (k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit())}
+  layers_ = [params[f"{prefix}_{i}"] for i in range(depth)]
+  out[f"{prefix}s"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers_)}
+  return out
+
+
+def unscan_layers(params: dict, prefix: str) -> dict:
+  """The inverse of `scan_layers`."""
+  out = {k: v for k, v in params.items() if k != f"{prefix}s"}
+  stacked = params[f"{prefix}s"]["block"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    out[f"{prefix}_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return out

@@ -33,6 +33,8 @@ class TextTower(nn.Module):
   layer_norm_eps: float = 1e-12
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  scan: bool = False
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -56,11 +58,12 @@ class TextTower(nn.Module):
     x = nn.with_logical_constraint(x, layers.ACT_SEQ)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
-    for i in range(self.depth):
-      x = layers.EncoderBlock(
-          self.num_heads, self.mlp_dim, pre_norm=False, layer_norm_eps=self.layer_norm_eps,
-          dropout_rate=self.dropout_rate, dtype=self.dtype, name=f"layer_{i}",
-      )(x, mask, deterministic=deterministic)
+    x = layers.encoder_stack(
+        x, mask, deterministic=deterministic, depth=self.depth, scan=self.scan,
+        remat_policy=self.remat_policy, prefix="layer",
+        block_kwargs=dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
+                          layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
+                          dtype=self.dtype))
 
     if self.pooling == "mean":
       m = mask[..., None].astype(jnp.float32)
