@@ -1,0 +1,64 @@
+"""Every config builds, has only known keys, and avlm_b16 has the parameter count of its parts."""
+
+import importlib
+import pkgutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+import configs
+from avlm_jax import anatomy
+from avlm_jax.config_check import check_config_keys
+from avlm_jax.models.anatomy_vlm import build_model
+from configs import common
+
+CONFIG_NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "common")
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_builds_with_known_keys_and_documents_its_command(name):
+  module = importlib.import_module(f"configs.{name}")
+  cfg = module.get_config()
+  check_config_keys(cfg, common.base_config())
+  assert f"--config=configs/{name}.py" in module.__doc__
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _encoder_layer(d, mlp):
+  attention = 4 * (d * d + d)
+  mlp_block = d * mlp + mlp + mlp * d + d
+  norms = 2 * 2 * d
+  return attention + mlp_block + norms
+
+
+@pytest.mark.parametrize("res", [224, 448])
+def test_avlm_b16_parameter_count_by_hand(res):
+  from configs import avlm_b16
+
+  cfg = avlm_b16.get_config(f"res={res}")
+  vocab, d, e, r = 30522, 768, 512, anatomy.NUM_REGIONS
+  model = build_model(cfg.model, vocab)
+  s = cfg.data.image_size
+  abstract = jax.eval_shape(lambda k: model.init(
+      k, jnp.zeros((1, s, s, 1)), jnp.zeros((1, r, 8), jnp.int32), jnp.zeros((2, 8), jnp.int32))["params"],
+      jax.random.key(0))
+  patches = (res // 16) ** 2
+  image = (16 * 16 * 1 * d + d          # patch embedding (grayscale)
+           + d + r * d                  # CLS and the 29 anatomy tokens
+           + (1 + r + patches) * d      # positions
+           + 12 * _encoder_layer(d, 3072) + 2 * d
+           + 2 * (d * d + d) + (d * 4 + 4)   # box head: two hidden layers + output
+           + (2 * d * e + e) + (d * e + e))  # region and image projections
+  text = (vocab * d + 512 * d + 2 * d + 2 * d   # word, position, token-type embeddings + LayerNorm
+          + 12 * _encoder_layer(d, 3072))
+  head = (d * e + e) + 3                        # text projection, two logit scales, one bias
+  params = nn.unbox(abstract)
+  assert _count(params["image"]) == image
+  assert _count(params["text"]) == text
+  assert _count(params) == image + text + head
+  assert params["image"]["blocks"]["block"]["mlp"]["fc1"]["kernel"].shape == (12, d, 3072)  # scanned
