@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_checkpoints = 3
 
   c.labels = SYNTHETIC_LABELS  # image-level finding labels, in the order of the logits
-  c.prompt_template = "chest radiograph showing {}"
+  c.prompt_template = "chest radiograph showing {name}"
+  c.prompt_style = "plain"  # label prompts: plain | definition | signs (knowledge base)
 
   c.data = ml_collections.ConfigDict()
   c.data.kind = "synthetic_shapes"  # 'synthetic_shapes' (generated if missing) or 'array_record'
@@ -50,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 12
   c.data.num_threads = 2
   c.data.num_workers = 0
+  # The paper's region-text sampling (data_pipelines/region_text_sampling.py); off = raw phrases.
+  c.data.text_sampling = ml_collections.ConfigDict(dict(
+      enabled=False, perturb_prob=0.2, negate_fraction=0.5, empty_region_text="mixed",
+      hard_fraction=0.5, region_text_style="phrase"))  # style: phrase | phrase+knowledge | phrase+signs
   c.data.synthetic = ml_collections.ConfigDict(
       dict(num_train=512, num_val=64, image_size=64, num_shards=4))
 

@@ -3,7 +3,9 @@
     source (random access over all shards)
       -> global shuffle(seed), a new permutation every epoch -> repeat
       -> this process's slice [process_index::process_count]
-      -> decode + box-aware letterbox resize + tokenise   (DecodeTriple, picklable)
+      -> decode + box-aware letterbox resize                (DecodeTriple, picklable)
+      -> region-text sampling (optional, seeded per example) (SampleRegionTexts)
+      -> tokenise + text identities + anchor mask           (TokenizeTexts)
       -> batch(local_batch, drop_remainder=True)
       -> iterator whose state (`get_state`/`set_state`) is saved in every checkpoint.
 
@@ -23,6 +25,7 @@ from PIL import Image
 from avlm_jax import anatomy
 from avlm_jax.tokenizer import TextTokenizer, phrase_hash
 from data_pipelines import schema
+from data_pipelines.region_text_sampling import SampleRegionTexts, SamplingOptions
 
 
 class TripleSource:
@@ -79,18 +82,12 @@ def xyxy_to_normalized_cxcywh(boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 class DecodeTriple(grain.transforms.Map):
-  """`(index, bytes)` -> dict of fixed-shape numpy arrays (one example).
+  """`(index, bytes)` -> one example: image (S, S, 1) uint8; boxes (R, 4) normalised cxcywh;
+  box_present (R,) bool; labels (C,) float32; phrases (R strings, '' = none)."""
 
-  Output: image (S, S, 1) uint8; boxes (R, 4) normalised cxcywh; box_present (R,) bool;
-  phrase_tokens (R, L) int32; phrase_ids (R, 2) int32; has_phrase (R,) bool; labels (C,) float32.
-  """
-
-  def __init__(self, source: TripleSource, *, image_size: int, tokenizer: TextTokenizer,
-               max_phrase_len: int, label_names: Sequence[str]):
+  def __init__(self, source: TripleSource, *, image_size: int, label_names: Sequence[str]):
     self.source = source
     self.image_size = image_size
-    self.tokenizer = tokenizer
-    self.max_phrase_len = max_phrase_len
     self.label_names = list(label_names)
     self._label_index = {n: i for i, n in enumerate(self.label_names)}
 
@@ -122,26 +119,54 @@ class DecodeTriple(grain.transforms.Map):
         "image": image[..., None],
         "boxes": cxcywh.astype(np.float32),
         "box_present": present,
-        "phrase_tokens": self.tokenizer(t.phrases, self.max_phrase_len),
-        "phrase_ids": np.asarray([phrase_hash(p) for p in t.phrases], np.int32),
-        "has_phrase": np.asarray([bool(p.strip()) for p in t.phrases]),
         "labels": labels,
+        "phrases": list(t.phrases),
     }
+
+
+class TokenizeTexts(grain.transforms.Map):
+  """Region texts -> phrase_tokens (R, L) int32, phrase_ids (R, 2) int32 (text identity),
+  has_phrase (R,) bool (the slot's text is a candidate) and phrase_positive (R,) bool (the slot is
+  an anchor: its text describes its region). Reads `texts`/`anchor` from the text sampler, or the
+  record's `phrases` as they are (every phrase an anchor) when sampling is off."""
+
+  def __init__(self, tokenizer: TextTokenizer, max_len: int):
+    self.tokenizer = tokenizer
+    self.max_len = max_len
+
+  def map(self, element: dict) -> dict:
+    element = dict(element)
+    texts = element.pop("texts") if "texts" in element else element.pop("phrases")
+    has_text = np.asarray([bool(t.strip()) for t in texts])
+    anchor = element.pop("anchor", has_text)
+    element.update({
+        "phrase_tokens": self.tokenizer(texts, self.max_len),
+        "phrase_ids": np.asarray([phrase_hash(t) for t in texts], np.int32),
+        "has_phrase": has_text,
+        "phrase_positive": np.asarray(anchor, bool) & has_text,
+    })
+    return element
 
 
 def make_dataset(paths: Sequence[str], *, seed: int, local_batch_size: int, image_size: int,
                  tokenizer: TextTokenizer, max_phrase_len: int, label_names: Sequence[str],
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                 num_epochs: int | None = None) -> grain.MapDataset:
-  """The per-process batched MapDataset (see module docstring)."""
+                 num_epochs: int | None = None,
+                 text_sampling: SamplingOptions | None = None) -> grain.MapDataset:
+  """The per-process batched MapDataset (see module docstring).
+
+  `text_sampling` switches on the paper's region-text sampling; None uses the record's phrases.
+  """
   source = TripleSource(paths)
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds[process_index::process_count]
-  ds = ds.map(DecodeTriple(source, image_size=image_size, tokenizer=tokenizer,
-                           max_phrase_len=max_phrase_len, label_names=label_names))
+  ds = ds.map(DecodeTriple(source, image_size=image_size, label_names=label_names))
+  if text_sampling is not None:
+    ds = ds.random_map(SampleRegionTexts(text_sampling), seed=seed)
+  ds = ds.map(TokenizeTexts(tokenizer, max_phrase_len))
   return ds.batch(local_batch_size, drop_remainder=True)
 
 

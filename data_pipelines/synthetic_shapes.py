@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from avlm_jax import anatomy
+from avlm_jax.knowledge.base import load_knowledge_base
 from avlm_jax.tokenizer import build_wordpiece_tokenizer
 from data_pipelines import schema
 
@@ -54,7 +55,8 @@ def _all_texts() -> list[str]:
       for r in anatomy.REGION_NAMES:
         texts.append(v.format(r=r, side="right") + " " + v.format(r=r, side="left"))
   texts += ["findings:", "impression:", "no acute cardiopulmonary process", "chest radiograph showing"]
-  return texts
+  # The knowledge base's wordings too: sampled negatives, synonyms and label prompts use them.
+  return texts + load_knowledge_base().vocabulary_texts()
 
 
 def _layout(rng: np.random.Generator, cardiomegaly: bool) -> dict[str, np.ndarray]:

@@ -30,7 +30,9 @@ def test_batch_shapes_and_dtypes(synthetic_dir, tokenizer):
   assert b["phrase_ids"].shape == (4, r, 2)
   assert b["labels"].shape == (4, len(synthetic_shapes.FINDINGS))
   assert np.all((b["boxes"] >= 0) & (b["boxes"] <= 1))
-  # A slot without a phrase has the empty hash and only [CLS] [SEP].
+  # Without text sampling every phrase is an anchor; a slot without one has the empty hash and
+  # only [CLS] [SEP].
+  np.testing.assert_array_equal(b["phrase_positive"], b["has_phrase"])
   empty = ~b["has_phrase"]
   assert np.all(b["phrase_ids"][empty] == 0)
   assert np.all(b["phrase_tokens"][empty][:, 2:] == 0)
@@ -103,8 +105,7 @@ def test_corrupt_record_names_shard_and_index(tmp_path, tokenizer):
   w.write(schema.encode(broken))
   w.close()
   source = input_pipeline.TripleSource([path])
-  decode = input_pipeline.DecodeTriple(source, image_size=32, tokenizer=tokenizer, max_phrase_len=8,
-                                       label_names=synthetic_shapes.FINDINGS)
+  decode = input_pipeline.DecodeTriple(source, image_size=32, label_names=synthetic_shapes.FINDINGS)
   decode.map(source[0])
   with pytest.raises(schema.RecordError, match=r"train-00000-of-00001.array_record, record 1: not a msgpack"):
     decode.map(source[1])
@@ -114,8 +115,7 @@ def test_corrupt_record_names_shard_and_index(tmp_path, tokenizer):
 
 def test_unknown_finding_label_is_an_error(synthetic_dir, tokenizer):
   source = input_pipeline.TripleSource(schema.shard_paths(synthetic_dir, "train"))
-  decode = input_pipeline.DecodeTriple(source, image_size=32, tokenizer=tokenizer, max_phrase_len=8,
-                                       label_names=["nodule"])
+  decode = input_pipeline.DecodeTriple(source, image_size=32, label_names=["nodule"])
   with pytest.raises(schema.RecordError, match="is not one of the configured labels"):
     for i in range(len(source)):
       decode.map(source[i])

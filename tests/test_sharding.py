@@ -90,7 +90,10 @@ def test_same_loss_and_grads_as_one_device(synthetic_dir, tokenizer, sizes, pres
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   flat = jax.tree.leaves(grads)
   for (path, g_ref), g in zip(flat_ref, flat):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5, rtol=0,
+    # 1e-5 on the tensor's own scale (at least 1): a gradient such as the token-type embedding's
+    # sums ~10^4 float32 terms, in another order on another mesh.
+    scale = max(1.0, float(np.abs(np.asarray(g_ref)).max()))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5 * scale, rtol=0,
                                err_msg=jax.tree_util.keystr(path))
   if preset == "fsdp":
     assert "fsdp" in str(grads["image"]["block_0"]["mlp"]["fc1"]["kernel"].sharding.spec)
@@ -120,7 +123,7 @@ def one_device_reference(synthetic_dir, tokenizer):
       tokenizer=tokenizer, max_phrase_len=cfg.data.max_phrase_len, label_names=cfg.labels)
   batch = ds[0]
   assert batch["has_phrase"].any()
-  prompts = tokenizer([cfg.prompt_template.format(l) for l in cfg.labels], cfg.data.max_phrase_len)
+  prompts = tokenizer(train_data.label_prompt_texts(cfg), cfg.data.max_phrase_len)
   s = cfg.data.image_size
   params = jax.device_get(nn.unbox(model.init(
       jax.random.key(1), jnp.zeros((1, s, s, 1)), jnp.zeros((1, anatomy.NUM_REGIONS, cfg.data.max_phrase_len),

@@ -20,29 +20,34 @@ def same_phrase(ids_a: jax.Array, ids_b: jax.Array) -> jax.Array:
 
 
 def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids: jax.Array,
-                       has_phrase: jax.Array, scale: jax.Array) -> dict[str, jax.Array]:
-  """Multi-positive InfoNCE of each region against every region phrase in the batch.
+                       has_phrase: jax.Array, scale: jax.Array,
+                       is_anchor: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Multi-positive InfoNCE of each region against every region text in the batch.
 
   region_emb, phrase_emb: (N, E) L2-normalised, N = B·R, row i of both is the same region slot.
-  phrase_ids: (N, 2) int32 hash of the normalised phrase string; has_phrase: (N,) bool.
-  Anchor i (a region with a phrase) has positives P(i) = {j: has_phrase[j], phrase_j == phrase_i},
-  which contains i itself; slots without a phrase are neither anchors nor candidates. The target
-  distribution is uniform over P(i): loss_i = -mean_{j in P(i)} log softmax_j(scale · <r_i, t_j>).
+  phrase_ids: (N, 2) int32 hash of the normalised text; has_phrase: (N,) bool, the slot's text is
+  a candidate; is_anchor: (N,) bool, the slot's text describes its region (default: has_phrase).
+  Sampled negatives (negated or hard-negative texts) are candidates but not anchors.
+  Anchor i has positives P(i) = {j: has_phrase[j], text_j == text_i}, which contains i itself:
+  identical texts anywhere in the batch share labels. The target distribution is uniform over
+  P(i): loss_i = -mean_{j in P(i)} log softmax_j(scale · <r_i, t_j>), averaged over anchors.
   """
   valid = has_phrase.astype(bool)
+  anchor = valid if is_anchor is None else (is_anchor.astype(bool) & valid)
   logits = scale * jnp.einsum("ne,me->nm", region_emb.astype(jnp.float32), phrase_emb.astype(jnp.float32))
   logits = jnp.where(valid[None, :], logits, _MASKED)
   log_p = jax.nn.log_softmax(logits, axis=-1)
-  positives = same_phrase(phrase_ids, phrase_ids) & valid[None, :] & valid[:, None]
+  positives = same_phrase(phrase_ids, phrase_ids) & valid[None, :] & anchor[:, None]
   num_pos = jnp.maximum(positives.sum(axis=-1), 1)
   per_anchor = -jnp.sum(jnp.where(positives, log_p, 0.0), axis=-1) / num_pos
-  num_anchors = valid.sum()
-  loss = jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(num_anchors, 1)
+  num_anchors = anchor.sum()
+  loss = jnp.sum(jnp.where(anchor, per_anchor, 0.0)) / jnp.maximum(num_anchors, 1)
   top1 = jnp.take_along_axis(positives, jnp.argmax(logits, axis=-1)[:, None], axis=-1)[:, 0]
   return {
       "loss": loss,
       "num_anchors": num_anchors.astype(jnp.float32),
-      "top1_acc": jnp.sum(top1 & valid) / jnp.maximum(num_anchors, 1),
+      "num_candidates": valid.sum().astype(jnp.float32),
+      "top1_acc": jnp.sum(top1 & anchor) / jnp.maximum(num_anchors, 1),
   }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from avlm_jax import anatomy, sharding
 from avlm_jax.tokenizer import TextTokenizer
 from data_pipelines import input_pipeline, schema, synthetic_shapes
+from data_pipelines.region_text_sampling import SamplingOptions
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -39,9 +40,26 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokeni
       schema.shard_paths(data_dir, "train"), seed=config.seed,
       local_batch_size=config.batch_size // jax.process_count(), image_size=config.data.image_size,
       tokenizer=tokenizer, max_phrase_len=config.data.max_phrase_len, label_names=config.labels,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      text_sampling=text_sampling_options(config))
   return input_pipeline.make_iterator(ds, num_threads=config.data.num_threads,
                                       num_workers=config.data.num_workers)
+
+
+def text_sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions | None:
+  ts = config.data.text_sampling
+  if not ts.enabled:
+    return None
+  return SamplingOptions(perturb_prob=ts.perturb_prob, negate_fraction=ts.negate_fraction,
+                         empty_region_text=ts.empty_region_text, hard_fraction=ts.hard_fraction,
+                         region_text_style=ts.region_text_style)
+
+
+def label_prompt_texts(config: ml_collections.ConfigDict) -> list[str]:
+  """The label prompts of the image-level loss, built by the knowledge base's prompt builder."""
+  from avlm_jax.knowledge import base, prompts
+  return prompts.label_prompts(base.load_knowledge_base(), config.labels, template=config.prompt_template,
+                               style=config.prompt_style)
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
@@ -57,6 +75,7 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
       "phrase_tokens": ((b, r, config.data.max_phrase_len), np.int32),
       "phrase_ids": ((b, r, 2), np.int32),
       "has_phrase": ((b, r), np.bool_),
+      "phrase_positive": ((b, r), np.bool_),
       "labels": ((b, len(config.labels)), np.float32),
   }
   if config.model.text.frozen:

@@ -92,7 +92,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
 
   data_dir, tokenizer = train_data.prepare_dataset(config, workdir)
   data_iter = train_data.make_train_iterator(config, data_dir, tokenizer)
-  prompts = tokenizer([config.prompt_template.format(l) for l in config.labels], config.data.max_prompt_len)
+  prompts = tokenizer(train_data.label_prompt_texts(config), config.data.max_prompt_len)
 
   model = build_model(config.model, tokenizer.vocab_size)
   groups = optimizer_groups(config.optimizer, config.model.text.frozen)

@@ -1,0 +1,1 @@
+"""Reference outputs from third-party implementations, and the scripts that regenerate them."""
