@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.kind = "synthetic_shapes"  # 'synthetic_shapes' (generated if missing) or 'array_record'
   c.data.dir = ""  # '' -> <workdir>/data
-  c.data.tokenizer_dir = ""  # '' -> <data.dir>/tokenizer
+  c.data.tokenizer_dir = ""  # '' -> <data.dir>/tokenizer; also pkg:<module>/<path>
   c.data.image_size = 32
   c.data.max_phrase_len = 16
   c.data.max_prompt_len = 12
@@ -66,11 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.global_bias_init = -2.0
   c.model.image = ml_collections.ConfigDict(
       dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
-           scan=False, remat_policy="none"))  # remat: none | full | dots | dots_no_batch
+           scan=False, remat_policy="none",  # remat: none | full | dots | dots_no_batch
+           gelu_approximate=False,  # True for big_vision/vit_jax checkpoints (tanh GELU)
+           init_from=""))  # a ViT checkpoint: big_vision .npz, timm or HF safetensors
   c.model.text = ml_collections.ConfigDict(
       dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0,
            scan=False, remat_policy="none",
-           frozen=False))  # frozen: no updates; pooled features cached per distinct text
+           frozen=False,  # frozen: no updates; pooled features cached per distinct text
+           init_from=""))  # a HF BERT-family folder, or pkg:<module>/<path> inside a wheel
 
   # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU) + fine_weight·L_fine + global_weight·L_global
   c.loss = ml_collections.ConfigDict(

@@ -16,7 +16,7 @@ class CountingEncoder:
 
 def test_each_distinct_text_is_encoded_once_and_lookups_are_exact():
   enc = CountingEncoder()
-  cache = TextFeatureCache(enc, width=3, bucket=4)
+  cache = TextFeatureCache(enc, width=3, rows=4)
   a = np.array([[[2, 5, 3, 0], [2, 6, 3, 0]], [[2, 5, 3, 0], [2, 3, 0, 0]]], np.int32)  # (2, 2, 4), one repeat
   out = cache.features(a)
   assert out.shape == (2, 2, 3)
@@ -28,9 +28,21 @@ def test_each_distinct_text_is_encoded_once_and_lookups_are_exact():
   assert enc.rows == rows and cache.hits == 5
 
 
-def test_cache_grows_past_its_bucket():
+def test_texts_are_encoded_at_their_own_length_bucket():
+  seen = []
+  enc = lambda t: (seen.append(t.shape), np.asarray(t.sum(1, keepdims=True), np.float32))[1]
+  cache = TextFeatureCache(enc, width=1, rows=4)
+  tokens = np.zeros((3, 40), np.int32)
+  tokens[0, :5] = 7        # 5 tokens  -> bucket 8
+  tokens[1, :12] = 7       # 12 tokens -> bucket 16
+  tokens[2, :40] = 7       # 40 tokens -> the full width, 40
+  np.testing.assert_array_equal(cache.features(tokens)[:, 0], [35, 84, 280])
+  assert sorted(seen) == [(4, 8), (4, 16), (4, 40)]
+
+
+def test_cache_grows_past_its_chunk_size():
   enc = CountingEncoder()
-  cache = TextFeatureCache(enc, width=3, bucket=4)
+  cache = TextFeatureCache(enc, width=3, rows=4)
   tokens = np.array([[2, i, 3] for i in range(5, 30)], np.int32)  # 25 distinct texts
   out = cache.features(tokens)
   np.testing.assert_array_equal(out, enc(tokens))

@@ -58,6 +58,7 @@ class AnatomyViT(nn.Module):
   dtype: Dtype = jnp.float32
   scan: bool = False
   remat_policy: str = "none"
+  gelu_approximate: bool = False  # True for big_vision / vit_jax checkpoints (trained with tanh GELU)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -95,7 +96,8 @@ class AnatomyViT(nn.Module):
         x, None, deterministic=deterministic, depth=self.depth, scan=self.scan,
         remat_policy=self.remat_policy, prefix="block",
         block_kwargs=dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
-                          layer_norm_eps=1e-6, dropout_rate=self.dropout_rate, dtype=self.dtype))
+                          layer_norm_eps=1e-6, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                          gelu_approximate=self.gelu_approximate))
     x = layers.layer_norm(1e-6, self.dtype, "encoder_ln")(x)
 
     cls_out = x[:, 0]

@@ -88,7 +88,8 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ana
       image=AnatomyViT(
           patch_size=img.patch_size, width=img.width, depth=img.depth, num_heads=img.num_heads,
           mlp_dim=img.mlp_dim, embed_dim=model_config.embed_dim, dropout_rate=img.dropout,
-          dtype=dtype, scan=img.scan, remat_policy=img.remat_policy),
+          dtype=dtype, scan=img.scan, remat_policy=img.remat_policy,
+          gelu_approximate=img.gelu_approximate),
       text=TextTower(
           vocab_size=vocab_size, width=txt.width, depth=txt.depth, num_heads=txt.num_heads,
           mlp_dim=txt.mlp_dim, max_len=txt.max_len,

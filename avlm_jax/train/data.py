@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from avlm_jax import anatomy, sharding
+from avlm_jax import anatomy, paths, sharding
 from avlm_jax.tokenizer import TextTokenizer
 from data_pipelines import input_pipeline, schema, synthetic_shapes
 from data_pipelines.region_text_sampling import SamplingOptions
@@ -31,7 +31,7 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[st
       multihost_utils.sync_global_devices("synthetic data ready")
   elif config.data.kind != "array_record":
     raise ValueError(f"config.data.kind={config.data.kind!r}; expected 'synthetic_shapes' or 'array_record'")
-  return data_dir, TextTokenizer(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer"))
+  return data_dir, TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokenizer: TextTokenizer):

@@ -19,7 +19,7 @@ from avlm_jax.models.anatomy_vlm import build_model
 from avlm_jax.train import data as train_data
 from avlm_jax.train import metrics as train_metrics
 from avlm_jax.train.checkpoint import Checkpointer
-from avlm_jax.train import schedule
+from avlm_jax.train import pretrained, schedule
 from avlm_jax.train.state import StatePlan, make_optimizer, optimizer_groups
 from avlm_jax.train.step import compile_train_step, make_train_step
 from avlm_jax.train.text_cache import TextFeatureCache
@@ -63,13 +63,13 @@ class Trainer:
   def start(self, state) -> None:
     if self.config.model.text.frozen:
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      bucket = -(-256 // shards) * shards  # a multiple of the batch shards
+      rows = -(-64 // shards) * shards  # a multiple of the batch shards
       # A copy: the state's own buffers are donated to the next step; frozen params never change.
       text_params = jax.tree.map(jnp.copy, state.params["text"])
       encode = jax.jit(lambda params, tokens: self.model.text.apply({"params": params}, tokens)["pooled"])
       with sharding.activate(self.mesh, self.plan.rules):
         self.text_cache = TextFeatureCache(lambda tokens: encode(text_params, tokens),
-                                           self.config.model.text.width, bucket)
+                                           self.config.model.text.width, rows)
         prompts = self.text_cache.features(self.prompt_tokens)
     else:
       prompts = self.prompt_tokens
@@ -94,9 +94,9 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   data_iter = train_data.make_train_iterator(config, data_dir, tokenizer)
   prompts = tokenizer(train_data.label_prompt_texts(config), config.data.max_prompt_len)
 
+  pretrained.check_text_config(config.model.text, tokenizer.vocab_size)
   model = build_model(config.model, tokenizer.vocab_size)
-  groups = optimizer_groups(config.optimizer, config.model.text.frozen)
-  tx = make_optimizer(config.optimizer, config.total_steps, groups)
+  tx = make_optimizer(config.optimizer, config.total_steps, optimizer_groups(config.optimizer))
   s = config.data.image_size
 
   def init_params(rng):
@@ -104,7 +104,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
     phrases = jnp.zeros((1, anatomy.NUM_REGIONS, config.data.max_phrase_len), jnp.int32)
     return model.init({"params": rng}, images, phrases, jnp.asarray(prompts))["params"]
 
-  plan = StatePlan(init_params, tx, mesh, rules)
+  plan = StatePlan(init_params, tx, mesh, rules, frozen=("text",) if config.model.text.frozen else ())
   if config.model.text.frozen:
     prompt_spec = jax.ShapeDtypeStruct((len(config.labels), config.model.text.width), np.float32)
   else:
@@ -142,6 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _say(f"resumed from {ckpt.directory}/{first_step}")
   else:
     state = trainer.plan.initialize(jax.random.key(config.seed))
+    params, summaries = pretrained.load_pretrained(state.params, config.model, config.data.image_size)
+    state = state.replace(params=params)
+    for line in summaries:
+      _say(line)
   trainer.start(state)
   _say(f"parameters: {int(parameter_overview.count_parameters(state.params)):,}")
 

@@ -17,9 +17,22 @@ from avlm_jax import sharding
 
 @flax.struct.dataclass
 class TrainState:
+  """`opt_state` covers the trainable params only: `frozen` top-level subtrees (e.g. a frozen text
+  tower) are neither differentiated nor updated, and hold no optimizer state."""
+
   step: jax.Array
   params: Any
   opt_state: Any
+  frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+  def trainable_params(self) -> dict:
+    return split_frozen(self.params, self.frozen)[0]
+
+
+def split_frozen(params: dict, frozen: Sequence[str]) -> tuple[dict, dict]:
+  """(trainable, frozen) top-level subtrees of `params`."""
+  return ({k: v for k, v in params.items() if k not in frozen},
+          {k: v for k, v in params.items() if k in frozen})
 
 
 def param_path(path) -> str:
@@ -45,10 +58,9 @@ def lr_groups(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def optimizer_groups(cfg: ml_collections.ConfigDict, text_frozen: bool) -> list[tuple[str, float]]:
-  """The config's (regex, multiplier) rules; a frozen text tower gets multiplier 0 first."""
-  rules = [(str(p), float(m)) for p, m in cfg.lr_multipliers]
-  return ([("text/.*", 0.0)] if text_frozen else []) + rules
+def optimizer_groups(cfg: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+  """The config's (regex, multiplier) rules."""
+  return [(str(p), float(m)) for p, m in cfg.lr_multipliers]
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
@@ -111,10 +123,13 @@ class StatePlan:
   """
 
   def __init__(self, init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-               mesh, rules):
+               mesh, rules, frozen: Sequence[str] = ()):
+    frozen = tuple(frozen)
+
     def init_state(rng):
       params = nn.unbox(init_params(rng))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(split_frozen(params, frozen)[0]), frozen=frozen)
 
     self._init_state = init_state
     self.mesh, self.rules = mesh, rules
@@ -124,7 +139,8 @@ class StatePlan:
     param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
     self.shardings = TrainState(
         step=sharding.replicated(mesh), params=param_shardings,
-        opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, mesh))
+        opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, mesh),
+        frozen=frozen)
     self.abstract: TrainState = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, self.shardings)
 

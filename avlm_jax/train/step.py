@@ -17,7 +17,7 @@ import optax
 from avlm_jax import sharding
 from avlm_jax.train import schedule
 from avlm_jax.losses.multiscale import anatomy_vlm_loss
-from avlm_jax.train.state import StatePlan, TrainState
+from avlm_jax.train.state import StatePlan, TrainState, split_frozen
 
 Batch = dict[str, jax.Array]
 
@@ -56,15 +56,16 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: ml_collec
   def train_step(state: TrainState, batch: Batch, prompts: jax.Array):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     weights = schedule.loss_weights(state.step, loss_cfg, stage_starts)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, prompts, rng, True, weights)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, frozen = split_frozen(state.params, state.frozen)
+    (_, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn({**p, **frozen}, batch, prompts, rng, True, weights), has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(trainable)
     metrics.update({f"weight_{k.removesuffix('_weight')}": v for k, v in weights.items() if k != "stage"})
     metrics["stage"] = weights["stage"]
-    metrics["param_norm"] = optax.tree.norm(params)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params={**trainable, **frozen}, opt_state=opt_state), metrics
 
   return train_step
 

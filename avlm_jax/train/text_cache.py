@@ -2,8 +2,13 @@
 
 With the tower frozen (the paper's setting), a text's features never change, so the train step
 needs only the image tower and the (trainable) text projection. Texts are keyed by their exact
-token ids: two texts share a row only if the tower would see them identically. New texts are
-encoded in fixed-size buckets, so the encoder compiles once.
+token ids: two texts share a row only if the tower would see them identically.
+
+New texts are encoded in chunks of `rows` texts, each text cut to its own length bucket (the
+next power of two >= its token count, at least 8): short texts do not pay for the longest one,
+the encoder compiles once per bucket, and a text's features depend only on the text (mean
+pooling ignores padding), not on which texts it was encoded with, so a resumed run rebuilds the
+same cache.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import numpy as np
 
 class TextFeatureCache:
 
-  def __init__(self, encode: Callable[[np.ndarray], np.ndarray], width: int, bucket: int = 256):
-    """`encode(tokens (bucket, L) int32) -> (bucket, width)` pooled features."""
+  def __init__(self, encode: Callable[[np.ndarray], np.ndarray], width: int, rows: int = 64):
+    """`encode(tokens (rows, L) int32) -> (rows, width)` pooled features."""
     self._encode = encode
-    self._bucket = bucket
+    self._rows = rows
     self._row: dict[bytes, int] = {}
     self._table = np.zeros((0, width), np.float32)
     self.hits = 0
@@ -31,14 +36,18 @@ class TextFeatureCache:
     start = len(self._row)
     need = start + len(tokens)
     if need > len(self._table):
-      grown = np.zeros((max(need, 2 * len(self._table), self._bucket), self._table.shape[1]), np.float32)
+      grown = np.zeros((max(need, 2 * len(self._table), self._rows), self._table.shape[1]), np.float32)
       grown[:start] = self._table[:start]
       self._table = grown
-    for i in range(0, len(tokens), self._bucket):
-      chunk = tokens[i:i + self._bucket]
-      padded = np.zeros((self._bucket, tokens.shape[1]), np.int32)
-      padded[:len(chunk)] = chunk
-      self._table[start + i:start + i + len(chunk)] = np.asarray(self._encode(padded))[:len(chunk)]
+    lengths = (tokens != 0).sum(axis=1)
+    buckets = np.minimum(tokens.shape[1], np.maximum(8, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))))
+    for length in np.unique(buckets).astype(int):
+      members = np.flatnonzero(buckets == length)
+      for i in range(0, len(members), self._rows):
+        chunk = members[i:i + self._rows]
+        padded = np.zeros((self._rows, length), np.int32)
+        padded[:len(chunk)] = tokens[chunk, :length]
+        self._table[start + chunk] = np.asarray(self._encode(padded))[:len(chunk)]
     for j, row in enumerate(tokens):
       self._row[row.tobytes()] = start + j
 

