@@ -48,6 +48,14 @@ RULES: dict[str, tuple[tuple[str, Any], ...]] = {
 }
 
 
+def check_mesh_for_preset(mesh: Mesh, preset: str) -> None:
+  """The `tensor` axis is used by no preset yet (tensor parallelism comes with the TP presets):
+  a tensor size > 1 would only repeat work, so it is refused."""
+  if mesh.shape["tensor"] != 1:
+    raise ValueError(f"config.mesh.tensor={mesh.shape['tensor']}, but preset {preset!r} maps nothing "
+                     f"to the 'tensor' axis; use tensor=1 (presets: {sorted(RULES)})")
+
+
 def rules_for(preset: str) -> tuple[tuple[str, Any], ...]:
   try:
     return RULES[preset]

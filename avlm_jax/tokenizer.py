@@ -38,6 +38,20 @@ def phrase_hash(text: str) -> tuple[int, int]:
   return (int(hi) | 1, int(lo))  # | 1: never (0, 0), which means "no phrase".
 
 
+def token_hash(tokens: np.ndarray) -> np.ndarray:
+  """(..., L) token ids -> (..., 2) int32: a stable 62-bit identity of each token sequence.
+
+  The region-phrase loss treats equal identities as one text. Hashing the ids (not the string)
+  makes "one text" mean exactly "the same input to the text tower", truncation included.
+  """
+  flat = np.ascontiguousarray(tokens.reshape(-1, tokens.shape[-1]).astype("<i4"))
+  out = np.empty((len(flat), 2), np.int32)
+  for i, row in enumerate(flat):
+    hi, lo = np.frombuffer(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), dtype="<i4")
+    out[i] = (int(hi) | 1, int(lo))  # | 1: never (0, 0), which means "no text"
+  return out.reshape(*tokens.shape[:-1], 2)
+
+
 def build_wordpiece_tokenizer(texts: Iterable[str], out_dir: str, model_max_length: int = 512) -> str:
   """Write an uncased BERT WordPiece tokenizer whose vocabulary holds every word of `texts`.
 
@@ -109,7 +123,7 @@ class TextTokenizer:
     return len(self.hf)
 
   def __call__(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """(len(texts), max_len) int32 ids, `[CLS] … [SEP]` then `[PAD]`=0."""
+    """(len(texts), max_len) int32 ids, `[CLS] … [SEP]` then `[PAD]`=0 on the right."""
     enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=max_len,
-                  return_tensors="np")
+                  padding_side="right", return_tensors="np")
     return enc["input_ids"].astype(np.int32)

@@ -13,15 +13,15 @@ alignment, three stages, frozen text encoder. Our choices where it is silent:
   * 224 px (448 with `res=448`), patch 16, ViT-B (768 wide, 12 layers, 12 heads): YOLOS-Ti/S
     and DETR-style ViT detectors work at these sizes; the anatomy tokens get their own positions.
   * joint embedding 512 (CLIP ViT-B), logit scale 1/0.07 clamped at 100, sigmoid bias -2.
-  * AdamW lr 1e-4 for new heads and anatomy tokens, 1e-5 (multiplier 0.1) for the encoder
-    blocks when initialised from a pretrained ViT (paper.md §4 suggestion), wd 1e-4, clip 1.0,
-    warmup 2k steps, cosine to 1 %.
+  * AdamW lr 1e-4 for new heads and anatomy tokens; with `vit=<checkpoint>` (a pretrained ViT-B/16:
+    big_vision .npz, timm or HF safetensors) the pretrained encoder trains at 1e-5 (multiplier 0.1,
+    paper.md §4 suggestion). wd 1e-4 on matrices, clip 1.0, warmup 2k steps, cosine to 1 %.
   * DETR loss weights: L1 5, GIoU 2; all three terms weight 1.
   * stages: +global at 20 %, +fine at 40 % of training.
   * bf16 compute, float32 params, optimizer state and loss/logit math; scan over layers,
     remat "dots" (keep matmul outputs) in the image tower; FSDP over all devices.
 
-Arguments: res (224 | 448), batch (global), steps, preset (dp | fsdp).
+Arguments: res (224 | 448), batch (global), steps, preset (dp | fsdp), vit (pretrained ViT path).
 """
 
 from configs import common
@@ -34,7 +34,7 @@ CHEXPERT_LABELS = (
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, res=224, batch=1024, steps=100_000, preset="fsdp")
+  arg = common.parse_arg(arg, res=224, batch=1024, steps=100_000, preset="fsdp", vit="")
   if arg.res % 16:
     raise ValueError(f"res={arg.res} is not a multiple of the patch size 16")
   c = common.base_config()
@@ -62,7 +62,10 @@ def get_config(arg: str | None = None):
   c.stages.fine_start = 0.4
   c.optimizer.update(dict(learning_rate=1e-4, warmup_steps=2000, end_lr_fraction=0.01,
                           weight_decay=1e-4, grad_clip_norm=1.0))
-  c.optimizer.lr_multipliers = (("image/(blocks|patch_embedding|pos_embedding|cls_token|encoder_ln)/.*", 0.1),)
+  if arg.vit:
+    c.model.image.init_from = arg.vit
+    c.optimizer.lr_multipliers = (
+        ("image/(blocks/.*|block_\\d+/.*|patch_embedding/.*|cls_token|pos_embedding|encoder_ln/.*)", 0.1),)
   c.mesh.data, c.mesh.fsdp = 1, -1
   c.sharding.preset = arg.preset
   return c

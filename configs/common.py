@@ -79,8 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(
       dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, fine_weight=1.0, global_weight=1.0))
 
-  # The paper's stages: detection only, then + image-level (global_start), then + region-phrase
-  # (fine_start). A value >= 1 is a step, a value in [0, 1) a fraction of total_steps.
+  # The paper's stages: detection only, then + image-level, then + region-phrase. Each start is
+  # the number of steps trained before the term joins: >= 1 a step count, [0, 1) a fraction.
   c.stages = ml_collections.ConfigDict(dict(global_start=0.0, fine_start=0.0))
 
   c.optimizer = ml_collections.ConfigDict(

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from avlm_jax import anatomy
-from avlm_jax.tokenizer import TextTokenizer, phrase_hash
+from avlm_jax.tokenizer import TextTokenizer, token_hash
 from data_pipelines import schema
 from data_pipelines.region_text_sampling import SampleRegionTexts, SamplingOptions
 
@@ -75,6 +75,16 @@ def letterbox(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarr
   return out, new_boxes
 
 
+def to_uint8_gray(im: Image.Image) -> np.ndarray:
+  """A decoded image as (H, W) uint8. 16-bit and 32-bit grayscale (common for radiograph PNGs) is
+  stretched over its own min..max range instead of being clipped at 255 by PIL's 'L' conversion."""
+  if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    a = np.asarray(im, np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    return np.round((a - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+  return np.asarray(im.convert("L"))
+
+
 def xyxy_to_normalized_cxcywh(boxes: np.ndarray, size: int) -> np.ndarray:
   b = np.clip(boxes / size, 0.0, 1.0)
   return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]],
@@ -103,7 +113,7 @@ class DecodeTriple(grain.transforms.Map):
     t = schema.decode(raw)
     try:
       with Image.open(io.BytesIO(t.image)) as im:
-        image = np.asarray(im.convert("L"))
+        image = to_uint8_gray(im)
     except Exception as e:  # PIL raises many types for corrupt/truncated files.
       raise schema.RecordError(f"record {t.id!r}: image does not decode ({type(e).__name__}: {e})") from e
     image, boxes = letterbox(image, t.boxes, self.image_size)
@@ -125,7 +135,8 @@ class DecodeTriple(grain.transforms.Map):
 
 
 class TokenizeTexts(grain.transforms.Map):
-  """Region texts -> phrase_tokens (R, L) int32, phrase_ids (R, 2) int32 (text identity),
+  """Region texts -> phrase_tokens (R, L) int32, phrase_ids (R, 2) int32 (text identity: a hash
+  of the token ids the tower sees, so texts equal after tokenisation and truncation are one text),
   has_phrase (R,) bool (the slot's text is a candidate) and phrase_positive (R,) bool (the slot is
   an anchor: its text describes its region). Reads `texts`/`anchor` from the text sampler, or the
   record's `phrases` as they are (every phrase an anchor) when sampling is off."""
@@ -139,9 +150,10 @@ class TokenizeTexts(grain.transforms.Map):
     texts = element.pop("texts") if "texts" in element else element.pop("phrases")
     has_text = np.asarray([bool(t.strip()) for t in texts])
     anchor = element.pop("anchor", has_text)
+    tokens = self.tokenizer(texts, self.max_len)
     element.update({
-        "phrase_tokens": self.tokenizer(texts, self.max_len),
-        "phrase_ids": np.asarray([phrase_hash(t) for t in texts], np.int32),
+        "phrase_tokens": tokens,
+        "phrase_ids": np.where(has_text[:, None], token_hash(tokens), 0).astype(np.int32),
         "has_phrase": has_text,
         "phrase_positive": np.asarray(anchor, bool) & has_text,
     })

@@ -54,6 +54,9 @@ class SamplingOptions:
       v = getattr(self, name)
       if not 0.0 <= v <= 1.0:
         raise ValueError(f"text sampling: {name}={v} is outside [0, 1]")
+    if self.region_text_style not in prompts.REGION_STYLES:
+      raise ValueError(f"text sampling: region_text_style={self.region_text_style!r}; "
+                       f"expected one of {prompts.REGION_STYLES}")
     if self.empty_region_text not in EMPTY_REGION_MODES:
       raise ValueError(f"text sampling: empty_region_text={self.empty_region_text!r}; "
                        f"expected one of {EMPTY_REGION_MODES}")

@@ -62,3 +62,22 @@ def test_avlm_b16_parameter_count_by_hand(res):
   assert _count(params["text"]) == text
   assert _count(params) == image + text + head
   assert params["image"]["blocks"]["block"]["mlp"]["fc1"]["kernel"].shape == (12, d, 3072)  # scanned
+
+
+def test_avlm_b16_pretrained_encoder_rule_covers_the_encoder_and_only_it():
+  from avlm_jax.train.state import lr_groups, param_path
+  from configs import avlm_b16
+
+  cfg = avlm_b16.get_config("vit=/ckpt/vit_b16.npz")
+  assert cfg.model.image.init_from == "/ckpt/vit_b16.npz"
+  model = build_model(cfg.model, 30522)
+  abstract = nn.unbox(jax.eval_shape(lambda k: model.init(
+      k, jnp.zeros((1, 224, 224, 1)), jnp.zeros((1, anatomy.NUM_REGIONS, 8), jnp.int32),
+      jnp.zeros((2, 8), jnp.int32))["params"], jax.random.key(0)))
+  groups = lr_groups(abstract, [tuple(r) for r in cfg.optimizer.lr_multipliers])
+  slow = {param_path(p) for p, m in jax.tree_util.tree_flatten_with_path(groups)[0] if m == 0.1}
+  assert {"image/cls_token", "image/pos_embedding", "image/patch_embedding/kernel",
+          "image/encoder_ln/scale", "image/blocks/block/mlp/fc1/kernel"} <= slow
+  assert not any(p.startswith(("image/anatomy_tokens", "image/box_head", "image/region_projection", "text"))
+                 for p in slow)
+  assert avlm_b16.get_config().optimizer.lr_multipliers == ()  # from scratch: one learning rate

@@ -7,11 +7,11 @@ from avlm_jax.losses import contrastive
 from avlm_jax.tokenizer import phrase_hash
 
 
-def numpy_region_phrase_loss(r, t, phrases, scale):
+def numpy_region_phrase_loss(r, t, phrases, scale, anchors=None):
   """Direct per-anchor computation with strings: no masks, no vectorisation."""
   valid = [j for j, p in enumerate(phrases) if p]
   losses = []
-  for i in valid:
+  for i in valid if anchors is None else [i for i in valid if anchors[i]]:
     logits = np.array([scale * float(r[i] @ t[j]) for j in valid], np.float64)
     log_p = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
     pos = [k for k, j in enumerate(valid) if phrases[j].lower() == phrases[i].lower()]
@@ -38,6 +38,25 @@ def test_region_phrase_loss_matches_numpy_with_duplicates_and_missing(seed):
                                        jnp.float32(7.0))
   assert float(out["loss"]) == pytest.approx(numpy_region_phrase_loss(r, t, phrases, 7.0), abs=1e-5)
   assert float(out["num_anchors"]) == 7
+
+
+def test_negative_texts_are_candidates_but_not_anchors():
+  """Sampled negatives (negated or hard-negative texts) enter every softmax but anchor nothing."""
+  rng = np.random.default_rng(7)
+  phrases = ["left pleural effusion", "no left pleural effusion", "", "cardiomegaly", "left pleural effusion",
+             "no pneumothorax", "cardiomegaly", ""]
+  anchors = np.array([1, 0, 0, 1, 1, 0, 0, 0], bool)  # slot 6 repeats an anchor's text as a negative
+  n, e = len(phrases), 6
+  r, t = _unit(rng, n, e), _unit(rng, n, e)
+  ids = np.array([phrase_hash(p) for p in phrases], np.int32)
+  has = np.array([bool(p) for p in phrases])
+  out = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(ids), jnp.asarray(has),
+                                       jnp.float32(5.0), jnp.asarray(anchors))
+  assert float(out["num_anchors"]) == 3 and float(out["num_candidates"]) == 6
+  assert float(out["loss"]) == pytest.approx(numpy_region_phrase_loss(r, t, phrases, 5.0, anchors), abs=1e-5)
+  everyone = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(ids), jnp.asarray(has),
+                                            jnp.float32(5.0))
+  assert float(everyone["num_anchors"]) == 6 and float(everyone["loss"]) != pytest.approx(float(out["loss"]))
 
 
 def test_duplicates_are_positives_not_negatives():

@@ -119,3 +119,30 @@ def test_unknown_finding_label_is_an_error(synthetic_dir, tokenizer):
   with pytest.raises(schema.RecordError, match="is not one of the configured labels"):
     for i in range(len(source)):
       decode.map(source[i])
+
+
+def test_sixteen_bit_png_is_stretched_not_clipped():
+  import io
+
+  from PIL import Image
+
+  ramp = (np.arange(40 * 40).reshape(40, 40) * 25).astype(np.uint16)  # 0 .. 39975
+  buf = io.BytesIO()
+  Image.fromarray(ramp).save(buf, format="PNG")
+  with Image.open(io.BytesIO(buf.getvalue())) as im:
+    assert im.mode.startswith("I")
+    out = input_pipeline.to_uint8_gray(im)
+  assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+  assert len(np.unique(out)) > 200  # a ramp, not a white image
+
+
+def test_text_identity_is_the_token_sequence(tokenizer):
+  tok = input_pipeline.TokenizeTexts(tokenizer, max_len=6)
+  texts = ["no pleural effusion", "No pleural effusion", "no pleural effusion at the right base", ""] + [""] * 25
+  out = tok.map({"texts": texts, "anchor": np.ones(29, bool)})
+  ids = out["phrase_ids"]
+  assert (ids[0] == ids[1]).all()  # the uncased tokenizer sees one text
+  # Equal identities exactly when the (truncated) token rows are equal.
+  same_tokens = (out["phrase_tokens"][0] == out["phrase_tokens"][2]).all()
+  assert (ids[0] == ids[2]).all() == same_tokens
+  assert (ids[3] == 0).all() and not out["has_phrase"][3] and not out["phrase_positive"][3]

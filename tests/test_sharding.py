@@ -34,6 +34,11 @@ def test_mesh_errors_name_the_sizes(sizes, message):
     sharding.resolve_mesh_shape(sizes, 8)
 
 
+def test_tensor_axis_is_refused_until_a_preset_uses_it():
+  with pytest.raises(ValueError, match="config.mesh.tensor=2, but preset 'fsdp' maps nothing"):
+    sharding.check_mesh_for_preset(sharding.make_mesh({"data": -1, "tensor": 2}), "fsdp")
+
+
 def test_unknown_preset():
   with pytest.raises(ValueError, match="'tp3d'.*known presets"):
     sharding.rules_for("tp3d")

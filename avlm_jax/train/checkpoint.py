@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 
 # Config subtrees that must match for a resume to be the same run (shapes, data order).
 RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
-# Keys under RESUME_KEYS that may change freely between runs (throughput knobs).
-RESUME_FREE = ("data.num_workers", "data.num_threads")
+# Keys under RESUME_KEYS that may change freely between runs (throughput knobs). Not
+# `data.num_workers`: Grain's in-process and multi-worker iterators save different states.
+RESUME_FREE = ("data.num_threads",)
 
 
 class IncompatibleCheckpointError(ValueError):

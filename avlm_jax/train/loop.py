@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 
 from avlm_jax import anatomy, sharding
 from avlm_jax.models.anatomy_vlm import build_model
@@ -62,15 +63,18 @@ class Trainer:
 
   def start(self, state) -> None:
     if self.config.model.text.frozen:
-      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      rows = -(-64 // shards) * shards  # a multiple of the batch shards
-      # A copy: the state's own buffers are donated to the next step; frozen params never change.
-      text_params = jax.tree.map(jnp.copy, state.params["text"])
+      if not self.config.model.text.init_from:
+        _say("warning: model.text.frozen without model.text.init_from: the frozen text tower keeps "
+             "its random initialisation")
+      # Each process encodes its own new texts, on its own first device, with a full host copy of
+      # the (frozen, never donated) text params: no collectives, so processes may miss the cache
+      # at different times. process_allgather assembles FSDP-sharded params across hosts.
+      text_params = jax.device_put(multihost_utils.process_allgather(state.params["text"], tiled=True),
+                                   jax.local_devices()[0])
       encode = jax.jit(lambda params, tokens: self.model.text.apply({"params": params}, tokens)["pooled"])
-      with sharding.activate(self.mesh, self.plan.rules):
-        self.text_cache = TextFeatureCache(lambda tokens: encode(text_params, tokens),
-                                           self.config.model.text.width, rows)
-        prompts = self.text_cache.features(self.prompt_tokens)
+      self.text_cache = TextFeatureCache(lambda tokens: encode(text_params, tokens),
+                                         self.config.model.text.width)
+      prompts = self.text_cache.features(self.prompt_tokens)
     else:
       prompts = self.prompt_tokens
     self.prompts = jax.device_put(prompts, sharding.replicated(self.mesh))
@@ -78,14 +82,14 @@ class Trainer:
   def next_batch(self) -> dict[str, jax.Array]:
     local = next(self.data_iter)
     if self.text_cache is not None:
-      with sharding.activate(self.mesh, self.plan.rules):
-        local["phrase_features"] = self.text_cache.features(local.pop("phrase_tokens"))
+      local["phrase_features"] = self.text_cache.features(local.pop("phrase_tokens"))
     return train_data.to_global(local, self.mesh)
 
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   rules = sharding.rules_for(config.sharding.preset)
+  sharding.check_mesh_for_preset(mesh, config.sharding.preset)
   check_batch_layout(config, mesh)
   _say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
        f"preset {config.sharding.preset!r}")
@@ -117,7 +121,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   mem = step_fn.memory_analysis()
   _say(f"compiled train step in {compile_s:.1f}s"
        + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
-       + f"; stages: +global at step {starts[0]}, +fine at step {starts[1]}")
+       + f"; stages: +global after step {starts[0]}, +fine after step {starts[1]}")
   return Trainer(config, mesh, model, data_iter, prompts, plan, step_fn, compile_s)
 
 

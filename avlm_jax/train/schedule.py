@@ -1,9 +1,10 @@
 """The paper's three training stages: detection -> + image-level alignment -> + region-phrase alignment.
 
-Stage boundaries come from `config.stages` (`global_start`, `fine_start`): a value >= 1 is a step,
-a value in [0, 1) a fraction of `total_steps`, 0 means "from the start". A loss term's weight is
-its configured weight once its stage has begun and 0 before; the stage and the weights in force
-are reported with the other metrics.
+Stage boundaries come from `config.stages` (`global_start`, `fine_start`): how many steps train
+before the term joins, as a step count (>= 1) or a fraction of `total_steps` (in [0, 1)); 0 means
+from the start. With `global_start=2` steps 1 and 2 are detection only and step 3 is the first with
+the image-level loss. A term's weight is its configured weight once its stage has begun and 0
+before; the stage and the weights in force are reported with the other metrics.
 """
 
 from __future__ import annotations

@@ -48,14 +48,34 @@ def param_path(path) -> str:
 
 
 def lr_groups(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
-  """A tree of learning-rate multipliers: the first regex (full match) that fits a path wins; 1.0 else."""
+  """A tree of learning-rate multipliers: the first regex (full match) that fits a path wins; 1.0 else.
+
+  A rule that matches no parameter is an error: a silently unused rule is a typo.
+  """
   compiled = [(re.compile(pattern), float(m)) for pattern, m in rules]
+  used = [False] * len(compiled)
 
   def one(path, _):
     name = param_path(path)
-    return next((m for pattern, m in compiled if pattern.fullmatch(name)), 1.0)
+    for i, (pattern, m) in enumerate(compiled):
+      if pattern.fullmatch(name):
+        used[i] = True
+        return m
+    return 1.0
 
-  return jax.tree_util.tree_map_with_path(one, params)
+  out = jax.tree_util.tree_map_with_path(one, params)
+  unused = [rules[i][0] for i, u in enumerate(used) if not u]
+  if unused:
+    raise ValueError(f"config.optimizer.lr_multipliers: {unused} match no parameter (paths look like "
+                     f"'image/block_0/mlp/fc1/kernel', or 'image/blocks/block/...' when scanned)")
+  return out
+
+
+def decays(params: Any) -> Any:
+  """Weight decay applies to matrices (dense/conv kernels, embedding tables) only: not to biases,
+  norms, scalars, CLS/anatomy tokens or position tables, whether or not layers are scanned."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_path(path).rsplit("/", 1)[-1] in ("kernel", "embedding"), params)
 
 
 def optimizer_groups(cfg: ml_collections.ConfigDict) -> list[tuple[str, float]]:
@@ -68,27 +88,29 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
   """Global-norm clipping, then AdamW (linear warmup + cosine decay) per learning-rate group.
 
   `groups` are (regex, multiplier) rules over parameter paths: new heads and pretrained weights can
-  learn at different rates (LiT-style per-tower rates), and multiplier 0 freezes a subtree (no
-  update, no optimizer state). Weight decay applies to matrices only, not biases, norms or scalars.
+  learn at different rates (LiT-style per-tower rates), and multiplier 0 freezes a subtree (its
+  gradients are zeroed before clipping, so they do not shrink the others' updates; it gets no
+  optimizer state). Weight decay: see `decays`.
   """
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.end_lr_fraction)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
 
   def adamw(multiplier: float) -> optax.GradientTransformation:
     if multiplier == 0.0:
       return optax.set_to_zero()
     schedule = base if multiplier == 1.0 else (lambda step: multiplier * base(step))
-    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decays)
 
   multipliers = sorted({1.0} | {float(m) for _, m in groups})
   label = lambda params: jax.tree.map(lambda m: f"lr_x{m:g}", lr_groups(params, groups))
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip_norm),
-      optax.multi_transform({f"lr_x{m:g}": adamw(m) for m in multipliers}, label),
-  )
+  chain = [optax.clip_by_global_norm(cfg.grad_clip_norm),
+           optax.multi_transform({f"lr_x{m:g}": adamw(m) for m in multipliers}, label)]
+  if 0.0 in multipliers:
+    frozen = lambda params: jax.tree.map(lambda m: m == 0.0, lr_groups(params, groups))
+    chain.insert(0, optax.masked(optax.set_to_zero(), frozen))
+  return optax.chain(*chain)
 
 
 def _opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any, mesh) -> Any:
