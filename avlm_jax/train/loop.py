@@ -66,9 +66,10 @@ class Trainer:
       if not self.config.model.text.init_from:
         _say("warning: model.text.frozen without model.text.init_from: the frozen text tower keeps "
              "its random initialisation")
-      # Each process encodes its own new texts, on its own first device, with a full host copy of
-      # the (frozen, never donated) text params: no collectives, so processes may miss the cache
-      # at different times. process_allgather assembles FSDP-sharded params across hosts.
+      # Each process encodes its own new texts on its own first device, from its own full copy of
+      # the frozen text params (the state's buffers are donated every step): no collectives, so
+      # processes may miss the cache at different times. process_allgather assembles params that
+      # FSDP shards across hosts.
       text_params = jax.device_put(multihost_utils.process_allgather(state.params["text"], tiled=True),
                                    jax.local_devices()[0])
       encode = jax.jit(lambda params, tokens: self.model.text.apply({"params": params}, tokens)["pooled"])
