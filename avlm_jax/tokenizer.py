@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 from typing import Iterable, Sequence
 
@@ -18,24 +17,6 @@ import numpy as np
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:()-/'%+"
-
-
-def normalize_phrase(text: str) -> str:
-  """The form in which two phrases count as the same text: lower case, single spaces, no end stop."""
-  return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .")
-
-
-def phrase_hash(text: str) -> tuple[int, int]:
-  """A stable 62-bit identity of a phrase as two int32 words; (0, 0) for the empty phrase.
-
-  Two words keep accidental collisions negligible even at pod-scale batches (~10^5 phrases).
-  """
-  norm = normalize_phrase(text)
-  if not norm:
-    return (0, 0)
-  digest = hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest()
-  hi, lo = np.frombuffer(digest, dtype="<i4")
-  return (int(hi) | 1, int(lo))  # | 1: never (0, 0), which means "no phrase".
 
 
 def token_hash(tokens: np.ndarray) -> np.ndarray:

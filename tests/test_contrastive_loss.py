@@ -1,10 +1,18 @@
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from avlm_jax.losses import contrastive
-from avlm_jax.tokenizer import phrase_hash
+
+
+def phrase_hash(text: str) -> tuple[int, int]:
+  """Test stand-in for the pipeline's text identity (a hash of token ids): equal for texts an
+  uncased tokenizer sees alike ('a' and 'A'), (0, 0) for no text. The loss only compares ids."""
+  norm = text.strip().lower().rstrip(".")
+  return (0, 0) if not norm else (zlib.crc32(norm.encode()) % (2**31 - 1) | 1, len(norm))
 
 
 def numpy_region_phrase_loss(r, t, phrases, scale, anchors=None):

@@ -156,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   accum = train_metrics.MetricAccumulator()
-  clock = train_metrics.Throughput(config.batch_size, config.total_steps)
+  clock = train_metrics.Throughput(config.batch_size)
   history: list[dict[str, float]] = []
   last_step = config.total_steps if stop_after is None else min(config.total_steps, first_step + stop_after)
   for step in range(first_step, last_step):

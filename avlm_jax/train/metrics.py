@@ -66,8 +66,8 @@ class MetricWriter:
 class Throughput:
   """Steps/s and examples/s between log points, excluding the first step (compilation, warm-up)."""
 
-  def __init__(self, global_batch: int, total_steps: int):
-    self.global_batch, self.total_steps = global_batch, total_steps
+  def __init__(self, global_batch: int):
+    self.global_batch = global_batch
     self._t0: float | None = None
     self._step0 = 0
     self.data_wait_s = 0.0

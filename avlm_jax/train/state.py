@@ -25,9 +25,6 @@ class TrainState:
   opt_state: Any
   frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
-  def trainable_params(self) -> dict:
-    return split_frozen(self.params, self.frozen)[0]
-
 
 def split_frozen(params: dict, frozen: Sequence[str]) -> tuple[dict, dict]:
   """(trainable, frozen) top-level subtrees of `params`."""
