@@ -12,6 +12,11 @@ A record is a msgpack map (safe to decode, language-neutral, numpy-aware through
 | `box_present` | bool (29,)         | False where the region has no box (its row is ignored)          |
 | `phrases`  | list of 29 str        | report phrases about each region; "" where there is none        |
 | `findings` | list of str           | image-level positive finding labels                             |
+| `region_findings` | optional: 29 lists of str | findings positive in each region; absent when the source has no region-level labels |
+| `masks`    | optional: map str → bytes | 8-bit PNG masks (stored-image size) by structure name, e.g. `heart`, `left lung`, `right lung` |
+
+Optional keys are left out of the record when unset, so records of sources without them stay as
+they were (same schema version).
 
 A dataset folder holds `*.array_record` shards, `dataset_info.json` (counts, label names, how it
 was made) and optionally `tokenizer/`.
@@ -47,6 +52,8 @@ class Triple:
   box_present: np.ndarray    # (29,) bool
   phrases: list[str]         # 29 strings
   findings: list[str]
+  region_findings: list[list[str]] | None = None  # None: the source has no region-level labels
+  masks: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
   def validate(self) -> None:
     r = anatomy.NUM_REGIONS
@@ -60,6 +67,13 @@ class Triple:
       raise RecordError(f"record {self.id!r}: 'phrases' must be {r} strings, got {len(self.phrases)}")
     if not all(isinstance(f, str) and f for f in self.findings):
       raise RecordError(f"record {self.id!r}: 'findings' must be non-empty strings, got {self.findings!r}")
+    if self.region_findings is not None:
+      if len(self.region_findings) != r or not all(
+          isinstance(fs, list) and all(isinstance(f, str) and f for f in fs) for fs in self.region_findings):
+        raise RecordError(f"record {self.id!r}: 'region_findings' must be {r} lists of non-empty strings")
+    for name, png in self.masks.items():
+      if not isinstance(name, str) or not name or not isinstance(png, bytes) or not png:
+        raise RecordError(f"record {self.id!r}: mask {name!r} must be non-empty encoded bytes under a name")
     present = self.boxes[self.box_present]
     if present.size and not np.all(np.isfinite(present)):
       raise RecordError(f"record {self.id!r}: non-finite coordinates in a present box")
@@ -67,7 +81,7 @@ class Triple:
 
 def encode(triple: Triple) -> bytes:
   triple.validate()
-  return flax.serialization.msgpack_serialize({
+  rec = {
       "version": SCHEMA_VERSION,
       "id": triple.id,
       "image": triple.image,
@@ -76,7 +90,12 @@ def encode(triple: Triple) -> bytes:
       "box_present": np.asarray(triple.box_present, bool),
       "phrases": list(triple.phrases),
       "findings": list(triple.findings),
-  })
+  }
+  if triple.region_findings is not None:
+    rec["region_findings"] = [list(fs) for fs in triple.region_findings]
+  if triple.masks:
+    rec["masks"] = dict(sorted(triple.masks.items()))
+  return flax.serialization.msgpack_serialize(rec)
 
 
 def decode(raw: bytes) -> Triple:
@@ -96,6 +115,15 @@ def decode(raw: bytes) -> Triple:
       id=str(rec["id"]), image=rec["image"], report=str(rec["report"]),
       boxes=np.asarray(rec["boxes"], np.float32), box_present=np.asarray(rec["box_present"], bool),
       phrases=list(rec["phrases"]), findings=list(rec["findings"]))
+  if "region_findings" in rec:
+    rf = rec["region_findings"]
+    if not isinstance(rf, list) or not all(isinstance(fs, list) for fs in rf):
+      raise RecordError(f"record {triple.id!r}: 'region_findings' must be a list of lists")
+    triple.region_findings = [list(fs) for fs in rf]
+  if "masks" in rec:
+    if not isinstance(rec["masks"], dict):
+      raise RecordError(f"record {triple.id!r}: 'masks' is a {type(rec['masks']).__name__}, expected a map")
+    triple.masks = dict(rec["masks"])
   triple.validate()
   return triple
 

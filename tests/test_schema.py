@@ -54,3 +54,18 @@ def test_missing_dataset_folder_and_shards(tmp_path):
     schema.shard_paths(str(tmp_path / "nope"), "train")
   with pytest.raises(FileNotFoundError, match="no 'train-"):
     schema.shard_paths(str(tmp_path), "train")
+
+
+def test_optional_region_findings_and_masks_round_trip():
+  t = synthetic_shapes.make_triple(0, "train", 5)
+  plain = schema.encode(t)
+  t.region_findings = [[] for _ in range(29)]
+  t.region_findings[3] = ["pleural effusion"]
+  t.masks = {"heart": b"\x89PNG-a", "left lung": b"\x89PNG-b"}
+  back = schema.decode(schema.encode(t))
+  assert back.region_findings == t.region_findings and back.masks == t.masks
+  # Unset optional keys leave the record bytes as they were.
+  assert schema.decode(plain).region_findings is None and schema.decode(plain).masks == {}
+  t.region_findings = [["x"]] * 5
+  with pytest.raises(schema.RecordError, match="'region_findings' must be 29 lists"):
+    schema.encode(t)
