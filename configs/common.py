@@ -9,6 +9,9 @@ from __future__ import annotations
 import ml_collections
 
 SYNTHETIC_LABELS = ("lung opacity", "nodule", "pleural effusion", "pneumothorax", "cardiomegaly")
+# data_pipelines.synthcxr.findings.FINDINGS (kept literal so configs import no data code).
+SYNTHCXR_LABELS = ("consolidation", "nodule", "mass", "pleural effusion", "pneumothorax", "cardiomegaly",
+                   "atelectasis", "pulmonary edema")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -43,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt_style = "plain"  # label prompts: plain | definition | signs (knowledge base)
 
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "synthetic_shapes"  # 'synthetic_shapes' (generated if missing) or 'array_record'
+  # 'synthcxr' / 'synthetic_shapes' (built into data.dir on first use) or 'array_record' (a folder)
+  c.data.kind = "synthetic_shapes"
   c.data.dir = ""  # '' -> <workdir>/data
   c.data.tokenizer_dir = ""  # '' -> <data.dir>/tokenizer; also pkg:<module>/<path>
   c.data.image_size = 32
@@ -57,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
       hard_fraction=0.5, region_text_style="phrase"))  # style: phrase | phrase+knowledge | phrase+signs
   c.data.synthetic = ml_collections.ConfigDict(
       dict(num_train=512, num_val=64, image_size=64, num_shards=4))
+  # SynthCXR (data_pipelines/synthcxr/): DRRs of a real chest CT with exact anatomy and findings.
+  c.data.synthcxr = ml_collections.ConfigDict(dict(
+      num_train=512, num_val=64, num_test=64, image_size=128, num_shards=4, p_normal=0.4,
+      findings=SYNTHCXR_LABELS, workers=1))
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"
@@ -78,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU) + fine_weight·L_fine + global_weight·L_global
   c.loss = ml_collections.ConfigDict(
       dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, fine_weight=1.0, global_weight=1.0))
+  # Alignment losses: 'global' (GSPMD, (B·29)² region logits) or 'ring' (shard_map ring over the
+  # batch axes; memory linear in the local batch). ring_chunk: widest logit tile, in texts.
+  c.loss.implementation = "global"
+  c.loss.ring_chunk = 1024
 
   # The paper's stages: detection only, then + image-level, then + region-phrase. Each start is
   # the number of steps trained before the term joins: >= 1 a step count, [0, 1) a fraction.
@@ -90,7 +102,41 @@ def base_config() -> ml_collections.ConfigDict:
   # full match wins, 1.0 otherwise, 0 freezes. E.g. (("text/.*", 0.1),) for a LiT-style slow tower.
   c.optimizer.lr_multipliers = ()
 
+  # Evaluators (avlm_jax/evaluate/): launch/evaluate.py runs every enabled one on a checkpoint;
+  # training runs those named in `in_training` every `every_steps` steps (0: never). Data:
+  # `data_dir`, else the training folder; thresholds come from its validation split, scores from
+  # its test split (or the other half of validation). Undefined scores are null in metrics.json.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.every_steps = 0
+  c.evals.in_training = ("zeroshot_image", "zeroshot_anatomy", "localisation")
+  c.evals.data_dir = ""
+  c.evals.max_examples = 0  # per split; 0 = all
+  c.evals.batch_size = 32
+  c.evals.random_baseline = True  # standalone: also score a randomly initialised image side
+  c.evals.holistic_checkpoint = ""  # standalone: a run trained with the image-level loss only
+  # findings=() means config.labels; thresholds maximise `threshold_criterion` (f1 | youden).
+  c.evals.zeroshot_image = ml_collections.ConfigDict(dict(enabled=True, findings=(), threshold_criterion="f1"))
+  c.evals.zeroshot_anatomy = ml_collections.ConfigDict(dict(
+      enabled=True, findings=(), threshold_criterion="f1",
+      positive_template="{finding} in the {region}", negative_template="no {finding} in the {region}"))
+  c.evals.localisation = ml_collections.ConfigDict(dict(enabled=True))
+  # A U-Net-style decoder over intermediate ViT blocks (`layers`=() spreads them evenly), trained
+  # on the dataset's masks with the encoder frozen and fine-tuned (encoder lr × multiplier).
+  c.evals.segmentation = ml_collections.ConfigDict(dict(
+      enabled=True, structures=("heart", "right lung", "left lung"), modes=("frozen", "finetune"),
+      steps=300, batch_size=16, learning_rate=1e-3, encoder_lr_multiplier=0.1, width=32, layers=(),
+      seed=0))
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.sharding = ml_collections.ConfigDict(dict(preset="dp"))
+  # Multi-slice: how many slices (DCN) each mesh axis spans; the rest of each axis is inside a
+  # slice (ICI). All 1 = one slice. Used by the 'hybrid' preset (data across slices).
+  c.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # preset: dp | fsdp | tp | fsdp_tp | hybrid (avlm_jax/sharding.py). A parameter of at least
+  # warn_replicated_mib left whole on every device by a sharding preset is named at start-up.
+  c.sharding = ml_collections.ConfigDict(dict(preset="dp", warn_replicated_mib=4.0))
+  # Multi-process runs (avlm_jax/distributed.py): '' / -1 read JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID; timeout_s bounds the wait for the coordinator.
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=-1, process_id=-1, timeout_s=300, cpu_collectives="gloo"))
   c.lock()
   return c

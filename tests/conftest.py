@@ -30,10 +30,10 @@ def tokenizer(synthetic_dir):
 
 
 def tiny_config(**overrides):
-  """The tiny config with dotted-key overrides, e.g. tiny_config(**{"mesh.fsdp": 2})."""
+  """The tiny config on drawn shapes, with dotted-key overrides, e.g. tiny_config(**{"mesh.fsdp": 2})."""
   from configs import tiny
 
-  c = tiny.get_config()
+  c = tiny.get_config("data=shapes")  # drawn shapes: fast, and need no CT
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

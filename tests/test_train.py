@@ -105,10 +105,11 @@ def test_unknown_config_keys_are_named():
 
 @pytest.mark.slow
 def test_command_line_entry_point(tmp_path):
-  """The Quick-start command on the built-in data (2 steps), then a rejected unknown key."""
+  """The Quick-start command on its default data (a SynthCXR corpus, 2 steps), then a rejected unknown key."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:steps=2",
-         f"--workdir={tmp_path}", "--config.data.synthetic.num_train=32", "--config.data.synthetic.num_val=8"]
+         f"--workdir={tmp_path}", "--config.data.synthcxr.num_train=32", "--config.data.synthcxr.num_val=8",
+         "--config.data.synthcxr.num_test=8"]
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "step 2/2" in done.stdout and f"checkpoints in {tmp_path}/checkpoints" in done.stdout

@@ -29,8 +29,20 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[st
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("synthetic data ready")
+  elif config.data.kind == "synthcxr":
+    if jax.process_index() == 0:
+      from data_pipelines.synthcxr import corpus, render
+
+      sc = config.data.synthcxr
+      opts = render.RenderOptions(image_size=sc.image_size, p_normal=sc.p_normal, findings=tuple(sc.findings))
+      corpus.ensure(data_dir, counts={"train": sc.num_train, "validation": sc.num_val, "test": sc.num_test},
+                    seed=config.seed, opts=opts, num_shards=sc.num_shards, workers=sc.workers)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("synthcxr data ready")
   elif config.data.kind != "array_record":
-    raise ValueError(f"config.data.kind={config.data.kind!r}; expected 'synthetic_shapes' or 'array_record'")
+    raise ValueError(f"config.data.kind={config.data.kind!r}; expected 'synthcxr', 'synthetic_shapes' or "
+                     "'array_record'")
   return data_dir, TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
 
 
