@@ -373,6 +373,14 @@ class KnowledgeBase:
     """Canonical names of the findings mentioned in `text`, in order of first mention."""
     return list(dict.fromkeys(m.finding for m in self.mentions(text) if m.finding is not None))
 
+  def positive_findings(self, text: str) -> list[str]:
+    """Canonical names of the findings `text` states as present (negated mentions left out),
+    sentence by sentence, in order of first mention."""
+    out = []
+    for segment in re.split(r"[.;\n]+", text):
+      out += [m.finding for m in self._positive(segment)]
+    return list(dict.fromkeys(out))
+
   def _positive(self, segment: str) -> list[Mention]:
     """Mentions of real findings that no negation cue in the segment applies to."""
     out = []

