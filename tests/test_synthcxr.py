@@ -260,3 +260,19 @@ def test_missing_or_corrupt_volume_is_named(tmp_path):
   (tmp_path / "mask.nii.gz").write_bytes(b"not a volume")
   with pytest.raises(ValueError, match=f"{tmp_path}/cxr.nii.gz is not a readable NIfTI volume"):
     ct_volume.load_volume(str(tmp_path))
+
+
+def test_tfds_builder_round_trips_a_record(tmp_path):
+  import tensorflow_datasets as tfds
+
+  from data_pipelines import tfds_triples
+  from data_pipelines.synthcxr import tfds_builder
+
+  src = corpus.generate(str(tmp_path / "src"), counts={"train": 3}, seed=4, opts=R.RenderOptions(image_size=32),
+                        num_shards=1, figure=False)
+  tfds_builder.prepare(src, str(tmp_path / "tfds"))
+  ds = tfds.data_source("synthcxr", data_dir=str(tmp_path / "tfds"), split="train",
+                        decoders=tfds_triples.IMAGE_AS_BYTES)
+  got = sorted((tfds_triples.to_triple(ds[i]) for i in range(len(ds))), key=lambda t: t.id)
+  want = [corpus.make_triple(4, "train", i, R.RenderOptions(image_size=32)) for i in range(3)]
+  assert [schema.encode(t) for t in got] == [schema.encode(t) for t in want]
