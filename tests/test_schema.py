@@ -58,6 +58,7 @@ def test_missing_dataset_folder_and_shards(tmp_path):
 
 def test_optional_region_findings_and_masks_round_trip():
   t = synthetic_shapes.make_triple(0, "train", 5)
+  t.region_findings, t.masks = None, {}
   plain = schema.encode(t)
   t.region_findings = [[] for _ in range(29)]
   t.region_findings[3] = ["pleural effusion"]
