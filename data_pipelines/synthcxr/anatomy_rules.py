@@ -56,7 +56,7 @@ def structure_mask(structures: np.ndarray, name: str) -> np.ndarray:
   return ((structures >> np.uint32(STRUCTURE_BIT[name])) & 1).astype(bool)
 
 
-def _extent(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+def extent(mask: np.ndarray) -> tuple[int, int, int, int] | None:
   """(top, bottom, left, right) inclusive pixel extent, or None when empty."""
   rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
   if not rows.size:
@@ -75,7 +75,7 @@ def _rect(shape: tuple[int, int], top: float, bottom: float, left: float, right:
 
 def _bifurcation_row(airway: np.ndarray, min_length: int) -> int | None:
   """First row, at least `min_length` below the top, from which the airway runs as two branches."""
-  ext = _extent(airway)
+  ext = extent(airway)
   if ext is None:
     return None
   for r in range(ext[0] + min_length, ext[1] + 1):
@@ -102,7 +102,7 @@ def derive_regions(structures: np.ndarray, px_mm: float) -> dict[str, np.ndarray
   dome = np.where(has_abd, ndimage.median_filter(dome, size=int(round(20.0 / px_mm)) | 1, mode="nearest"), shape[0])
   for side in ("right", "left"):
     lung = m[f"{side} lung"]
-    ext = _extent(lung)
+    ext = extent(lung)
     if ext is None:
       for zone in ("lung", "upper lung zone", "mid lung zone", "lower lung zone", "hilar structures",
                    "apical zone", "costophrenic angle", "hemidiaphragm"):
@@ -117,11 +117,11 @@ def derive_regions(structures: np.ndarray, px_mm: float) -> dict[str, np.ndarray
     medial = (cols >= right - 0.35 * w) if side == "right" else (cols <= left + 0.35 * w)
     lateral = (cols <= left + 0.3 * w) if side == "right" else (cols >= right - 0.3 * w)
     out[f"{side} hilar structures"] = lung & medial & (rows >= top + 0.3 * h) & (rows <= top + 0.55 * h)
-    clav = _extent(m[f"{side} clavicle"])
+    clav = extent(m[f"{side} clavicle"])
     apex_limit = clav[1] if clav is not None and clav[1] > top else top + h / 6
     out[f"{side} apical zone"] = lung & (rows <= apex_limit)
     lat_lung = lung & lateral
-    lat_ext = _extent(lat_lung)
+    lat_ext = extent(lat_lung)
     out[f"{side} costophrenic angle"] = (lat_lung & (rows >= lat_ext[1] - 0.15 * h)) if lat_ext else empty
     under = np.zeros(shape[1], bool)
     under[left:right + 1] = True
@@ -133,10 +133,10 @@ def derive_regions(structures: np.ndarray, px_mm: float) -> dict[str, np.ndarray
     out[name] = m[name]
   carina_row = _bifurcation_row(m["trachea"], int(round(20.0 / px_mm)))
   out["trachea"] = m["trachea"] & (rows <= carina_row) if carina_row is not None else empty
-  aorta = _extent(m["aorta"])
+  aorta = extent(m["aorta"])
   out["aortic arch"] = m["aorta"] & (rows <= aorta[0] + 30.0 / px_mm) if aorta else empty
   out["cardiac silhouette"] = heart = m["heart"]
-  hx = _extent(heart)
+  hx = extent(heart)
   if hx is not None:
     ht, hb, hl, hr = hx
     out["right atrium"] = heart & (cols <= hl + 0.35 * (hr - hl)) & (rows >= ht + 0.3 * (hb - ht))
@@ -149,10 +149,10 @@ def derive_regions(structures: np.ndarray, px_mm: float) -> dict[str, np.ndarray
     c = float(np.nonzero(mask[max(row - 2, 0):row + 1].any(0))[0].mean())
     return _rect(shape, row - up_mm / px_mm, row + down_mm / px_mm, c - half_w_mm / px_mm, c + half_w_mm / px_mm)
 
-  svc = _extent(m["svc"])
+  svc = extent(m["svc"])
   out["cavoatrial junction"] = box_at(m["svc"], svc[1] if svc else None, 10.0, 10.0, 10.0)
   out["carina"] = box_at(m["trachea"], carina_row, 12.0, 8.0, 6.0)
-  lung_top = min((_extent(m[f"{s} lung"]) or (shape[0],))[0] for s in ("right", "left"))
+  lung_top = min((extent(m[f"{s} lung"]) or (shape[0],))[0] for s in ("right", "left"))
   mediastinal = m["heart"] | m["aorta"] | m["svc"] | m["trachea"] | m["esophagus"] | m["great vessels"]
   heart_bottom = hx[1] if hx is not None else shape[0]
   out["mediastinum"] = mediastinal & (rows >= lung_top) & (rows <= heart_bottom)

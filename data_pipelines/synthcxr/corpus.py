@@ -69,14 +69,18 @@ def make_triple(seed: int, split: str, index: int, opts: RenderOptions) -> schem
       masks={name: _png(m.astype(np.uint8) * 255) for name, m in sample.masks.items()})
 
 
+def _empty_stats() -> dict:
+  return {"records": 0, "normal": 0, "findings": collections.Counter(),
+          "regions_present": collections.Counter(), "region_findings": collections.Counter()}
+
+
 def _build_shard(seed: int, split: str, shard: int, num_shards: int, count: int, opts: RenderOptions,
                  data_dir: str) -> dict:
   """Write one shard; return its statistics (for the dataset card)."""
   from array_record.python import array_record_module
 
   path = os.path.join(data_dir, f"{split}-{shard:05d}-of-{num_shards:05d}{schema.SHARD_SUFFIX}")
-  stats = {"records": 0, "normal": 0, "findings": collections.Counter(), "regions_present": collections.Counter(),
-           "region_findings": collections.Counter()}
+  stats = _empty_stats()
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
@@ -123,9 +127,7 @@ def generate(data_dir: str, *, counts: dict[str, int], seed: int = 0, opts: Rend
   seconds = time.time() - start
   per_split: dict[str, dict] = {}
   for job, st in zip(jobs, results):
-    agg = per_split.setdefault(job[1], {"records": 0, "normal": 0, "findings": collections.Counter(),
-                                        "regions_present": collections.Counter(),
-                                        "region_findings": collections.Counter()})
+    agg = per_split.setdefault(job[1], _empty_stats())
     for key in ("records", "normal"):
       agg[key] += st[key]
     for key in ("findings", "regions_present", "region_findings"):

@@ -181,9 +181,9 @@ def build_bank(directory: str | None = None) -> dict[str, np.ndarray]:
 def load_bank(directory: str | None = None) -> dict[str, np.ndarray]:
   """The projection bank, from the on-disk cache when it matches this CT, else built and cached."""
   directory = directory or data_dir()
-  load_volume_checked = os.path.join(directory, "cxr.nii.gz")
-  if not os.path.exists(load_volume_checked):
-    raise FileNotFoundError(f"{load_volume_checked} is missing; reinstall the CT: {INSTALL_HINT}")
+  volume_path = os.path.join(directory, "cxr.nii.gz")
+  if not os.path.exists(volume_path):
+    raise FileNotFoundError(f"{volume_path} is missing; reinstall the CT: {INSTALL_HINT}")
   path = os.path.join(cache_dir(), f"synthcxr-bank-v{CACHE_VERSION}-{file_checksum(directory)}.npz")
   if os.path.exists(path):
     try:

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from avlm_jax import anatomy
+from data_pipelines.synthcxr.anatomy_rules import extent
 
 FINDINGS = ("consolidation", "nodule", "mass", "pleural effusion", "pneumothorax", "cardiomegaly",
             "atelectasis", "pulmonary edema")
@@ -122,11 +123,6 @@ def _grid(shape):
   return yy.astype(np.float32), xx.astype(np.float32)
 
 
-def _extent(mask):
-  rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-  return (rows[0], rows[-1], cols[0], cols[-1]) if rows.size else None
-
-
 def _point_in(mask: np.ndarray, rng: np.random.Generator, margin_px: float = 0.0) -> tuple[float, float] | None:
   """A random pixel of `mask`, at least `margin_px` from its edge when possible."""
   inner = mask
@@ -153,7 +149,7 @@ def render(spec: FindingSpec, frame: Frame, rng: np.random.Generator) -> np.ndar
     strength = {"mild": 0.3, "moderate": 0.45}.get(spec.severity, 0.35)
     for side in ("right", "left"):
       lung, hilum = frame.region(f"{side} lung"), frame.region(f"{side} hilar structures")
-      ext = _extent(lung)
+      ext = extent(lung)
       if ext is None or not hilum.any():
         continue
       hy, hx = [float(v.mean()) for v in np.nonzero(hilum)]
@@ -161,7 +157,7 @@ def render(spec: FindingSpec, frame: Frame, rng: np.random.Generator) -> np.ndar
       delta += lung * strength * fill * np.exp(-((yy - hy) ** 2 + (xx - hx) ** 2) / (2 * sigma ** 2))
     return delta
   lung = frame.region(f"{spec.side} lung")
-  ext = _extent(lung)
+  ext = extent(lung)
   if ext is None:
     return delta
   top, bottom, left, right = ext
@@ -211,7 +207,7 @@ def render(spec: FindingSpec, frame: Frame, rng: np.random.Generator) -> np.ndar
     # Fluid height above the lateral costophrenic angle; the meniscus rises towards the chest wall.
     height = {"small": 0.12, "moderate": 0.22, "large": 0.35}[spec.severity] * h
     cp = frame.region(f"{spec.side} costophrenic angle")
-    cp_ext = _extent(cp)
+    cp_ext = extent(cp)
     base = cp_ext[1] if cp_ext is not None else bottom
     lat = (right - xx) / w if not lateral_is_left else (xx - left) / w  # 0 at the chest wall
     top_line = base - height - 0.6 * height * np.clip(1 - 2 * lat, 0, 1) ** 2
