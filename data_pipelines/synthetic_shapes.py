@@ -5,6 +5,8 @@ tested without any download; SynthCXR (DRRs from a real CT) is the realistic cor
 record is a pure function of `(seed, split, index)`, so a folder is reproducible bit for bit.
 
 Geometry is in normalised image coordinates; patient right is image left (PA view).
+Records also carry exact `region_findings` (each finding in the region it was drawn in) and
+`heart`, `right lung` and `left lung` masks (the drawn ellipses) for the evaluators.
 """
 
 from __future__ import annotations
@@ -190,10 +192,25 @@ def make_triple(seed: int, split: str, index: int, image_size: int = 64, p_norma
 
   boxes = geo["boxes"] * np.array([w, h, w, h], np.float32)
   present = rng.random(anatomy.NUM_REGIONS) >= p_absent
+  # Region-level labels and structure masks are exact here; they draw no random numbers, so the
+  # images, boxes and texts are the same as before they were added.
+  region_findings: list[list[str]] = [[] for _ in range(anatomy.NUM_REGIONS)]
+  for f, region in findings:
+    region_findings[anatomy.region_id(region)].append(f)
+  masks = {"heart": _png(_ellipse_mask(h, w, geo["heart"])),
+           "right lung": _png(_ellipse_mask(h, w, geo["lung_right"])),
+           "left lung": _png(_ellipse_mask(h, w, geo["lung_left"]))}
   return schema.Triple(
       id=f"synthetic-{split}-{index:06d}", image=buf.getvalue(), report=report,
       boxes=boxes.astype(np.float32), box_present=present, phrases=phrases,
-      findings=sorted(names))
+      findings=sorted(names), region_findings=[sorted(set(fs)) for fs in region_findings],
+      masks=masks)
+
+
+def _png(mask: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+  return buf.getvalue()
 
 
 def generate(data_dir: str, *, num_train: int, num_val: int, seed: int = 0, image_size: int = 64,

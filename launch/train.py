@@ -4,6 +4,7 @@ r"""Train Anatomy-VLM.
   python -m launch.train --config=configs/tiny.py:steps=50 --config.batch_size=32 --workdir=...
 
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
+Several processes (hosts): see launch/multihost_local.sh, launch/tpu_pod.sh, launch/slurm_gpu.sbatch.
 """
 
 import sys
@@ -27,13 +28,15 @@ def main(argv):
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)
+  from avlm_jax import distributed
   from avlm_jax.train.checkpoint import IncompatibleCheckpointError
   from avlm_jax.train.loop import train_and_evaluate
 
   try:
     check_config_keys(_CONFIG.value, common.base_config())
+    distributed.initialize(_CONFIG.value.distributed)  # multi-process runs only; before any device use
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (KeyError, IncompatibleCheckpointError) as e:
+  except (KeyError, IncompatibleCheckpointError, distributed.CoordinatorUnreachableError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
 

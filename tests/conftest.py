@@ -41,3 +41,16 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_dir, tmp_path_factory):
+  """(workdir, config) of a 2-step tiny run on one device, with in-training evals at step 2."""
+  from avlm_jax.train.loop import train_and_evaluate
+
+  cfg = tiny_config(**{"data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 2,
+                       "log_every": 1, "checkpoint_every": 2, "evals.every_steps": 2,
+                       "evals.in_training": ("zeroshot_image", "localisation")})
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  return workdir, cfg

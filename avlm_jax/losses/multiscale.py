@@ -7,23 +7,36 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from avlm_jax.losses import contrastive, detection
+from avlm_jax.losses import contrastive, detection, ring
+
+IMPLEMENTATIONS = ("global", "ring")
 
 
 def anatomy_vlm_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
-                     weights: Mapping[str, jax.Array | float]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss, and every part reported separately (unweighted) with logit statistics."""
+                     weights: Mapping[str, jax.Array | float], implementation: str = "global",
+                     ring_chunk: int = 1024) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss, and every part reported separately (unweighted) with logit statistics.
+
+  `implementation`: 'global' writes the alignment losses on the global arrays (GSPMD partitions
+  them; the region logits are (B·R)²); 'ring' uses the shard_map versions in `losses/ring.py`
+  (same values, per-device memory linear in the local batch; needs the mesh set).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"config.loss.implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+  losses = ring if implementation == "ring" else contrastive
+  extra = {"chunk": ring_chunk} if implementation == "ring" else {}
   det = detection.detection_loss(outputs["boxes"], batch["boxes"], batch["box_present"])
   b, r, e = outputs["region_emb"].shape
-  fine = contrastive.region_phrase_loss(
+  fine = losses.region_phrase_loss(
       outputs["region_emb"].reshape(b * r, e),
       outputs["phrase_emb"].reshape(b * r, e),
       batch["phrase_ids"].reshape(b * r, -1),
       batch["has_phrase"].reshape(b * r),
       outputs["region_scale"],
       batch["phrase_positive"].reshape(b * r) if "phrase_positive" in batch else None,
+      **extra,
   )
-  glob = contrastive.image_label_loss(
+  glob = losses.image_label_loss(
       outputs["image_emb"], outputs["prompt_emb"], batch["labels"],
       outputs["global_scale"], outputs["global_bias"])
   anat = weights["l1_weight"] * det["l1"] + weights["giou_weight"] * det["giou"]

@@ -88,9 +88,9 @@ class Trainer:
 
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices, config.mesh_dcn.to_dict())
   rules = sharding.rules_for(config.sharding.preset)
-  sharding.check_mesh_for_preset(mesh, config.sharding.preset)
+  sharding.check_mesh_for_preset(mesh, config.sharding.preset, config.mesh_dcn.to_dict())
   check_batch_layout(config, mesh)
   _say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
        f"preset {config.sharding.preset!r}")
@@ -110,6 +110,9 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
     return model.init({"params": rng}, images, phrases, jnp.asarray(prompts))["params"]
 
   plan = StatePlan(init_params, tx, mesh, rules, frozen=("text",) if config.model.text.frozen else ())
+  for line in sharding.preset_warnings(jax.eval_shape(init_params, jax.random.key(0)), mesh, rules,
+                                       config.sharding.preset, config.sharding.warn_replicated_mib):
+    _say(f"warning: {line}")
   if config.model.text.frozen:
     prompt_spec = jax.ShapeDtypeStruct((len(config.labels), config.model.text.width), np.float32)
   else:
@@ -154,6 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   trainer.start(state)
   _say(f"parameters: {int(parameter_overview.count_parameters(state.params)):,}")
 
+  from avlm_jax.evaluate.in_training import periodic_evals  # evaluation imports the train package
+  evals = periodic_evals(config, workdir, train_data.resolve_data_dir(config, workdir))
   writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   accum = train_metrics.MetricAccumulator()
   clock = train_metrics.Throughput(config.batch_size)
@@ -179,6 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       _say(train_metrics.progress_line(done, config.total_steps, scalars, rates))
     if done % config.checkpoint_every == 0 or done == last_step:
       ckpt.save(done, state, data_iter, config_json)
+    if evals is not None and evals.due(done, last_step):
+      eval_scalars = evals.run(done, state.params)
+      writer.write(done, eval_scalars)
+      history.append({"step": done, **eval_scalars})
+      _say(f"step {done} evals: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in eval_scalars.items()))
   ckpt.wait()
   ckpt.close()
   _say(f"done: checkpoints in {ckpt.directory}, metrics in {writer.path}")

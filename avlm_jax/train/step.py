@@ -34,7 +34,11 @@ def make_loss_fn(model, loss_cfg: ml_collections.ConfigDict) -> Callable:
   tower, or as cached pooled features of a frozen tower (`batch["phrase_features"]`, float
   `prompts`), in which case the step runs only the image tower and the text projection.
   `weights` (from `schedule.loss_weights`) default to the configured ones.
+  `loss_cfg.implementation` picks the alignment losses: 'global' (GSPMD on the global batch) or
+  'ring' (shard_map ring, per-device memory linear in the local batch; same values).
   """
+  implementation = loss_cfg.get("implementation", "global")
+  ring_chunk = int(loss_cfg.get("ring_chunk", 1024))
 
   def loss_fn(params, batch: Batch, prompts: jax.Array, rng: jax.Array, train: bool = True,
               weights: dict | None = None):
@@ -43,7 +47,8 @@ def make_loss_fn(model, loss_cfg: ml_collections.ConfigDict) -> Callable:
     texts["prompt_features" if jnp.issubdtype(prompts.dtype, jnp.floating) else "prompt_tokens"] = prompts
     outputs = model.apply({"params": params}, normalize_images(batch["image"]), **texts,
                           train=train, rngs={"dropout": rng})
-    return anatomy_vlm_loss(outputs, batch, weights if weights is not None else loss_cfg)
+    return anatomy_vlm_loss(outputs, batch, weights if weights is not None else loss_cfg,
+                            implementation=implementation, ring_chunk=ring_chunk)
 
   return loss_fn
 

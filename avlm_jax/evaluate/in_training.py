@@ -1,0 +1,56 @@
+"""Evaluators inside training: every `config.evals.every_steps` steps (and at the last step) the
+evaluators named in `config.evals.in_training` score the current params. Their headline numbers
+go into metrics.jsonl as `eval/<evaluator>/<metric>`, the full results into
+`<workdir>/eval/step_<N>.json`.
+
+Evaluation runs on each process's first device from a gathered copy of the params: right for the
+model sizes trained on CPU and single hosts; a pod-scale run should evaluate standalone
+(`launch/evaluate.py`) on its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from avlm_jax import paths
+from avlm_jax.evaluate import dataset, metrics, registry
+from avlm_jax.evaluate.runner import evaluate_params
+from avlm_jax.tokenizer import TextTokenizer
+
+
+class PeriodicEvals:
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, data_dir: str):
+    self.config = config
+    self.every = config.evals.every_steps
+    self.names = registry.enabled(config, config.evals.in_training)
+    self.data_dir = config.evals.data_dir or data_dir
+    self.tokenizer = TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
+    self.out_dir = os.path.join(workdir, "eval")
+    self._sets = None
+
+  def due(self, step: int, last_step: int) -> bool:
+    return bool(self.names) and (step % self.every == 0 or step == last_step)
+
+  def run(self, step: int, params: Any) -> dict[str, float]:
+    if self._sets is None:
+      self._sets = dataset.threshold_and_eval_sets(self.data_dir, self.config.data.image_size,
+                                                   self.config.evals.max_examples)
+    host_params = multihost_utils.process_allgather(params, tiled=True)
+    results = evaluate_params(self.config, host_params, self.tokenizer, self.data_dir, self.names,
+                              sets=self._sets)
+    if jax.process_index() == 0:
+      os.makedirs(self.out_dir, exist_ok=True)
+      with open(os.path.join(self.out_dir, f"step_{step}.json"), "w") as f:
+        json.dump(metrics.to_json({"step": step, **results}), f, indent=1, allow_nan=False)
+    return registry.headline_scalars(results)
+
+
+def periodic_evals(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> PeriodicEvals | None:
+  return PeriodicEvals(config, workdir, data_dir) if config.evals.every_steps > 0 else None

@@ -1,0 +1,70 @@
+"""Evaluate a checkpoint and its baselines through the same evaluators; write metrics.json and
+report.md (with the pictures) into an output folder.
+
+Subjects: `model` (the checkpoint), `random_init` (the same config freshly initialised; a
+pretrained text tower it names is still loaded) and `holistic` (a checkpoint of the same config
+trained with the image-level loss only: `--config.loss.anatomy_weight=0 --config.loss.fine_weight=0`;
+its anatomy tokens exist but get no box or phrase supervision).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from avlm_jax.evaluate import dataset, metrics, registry, report
+from avlm_jax.evaluate.context import EvalContext
+from avlm_jax.evaluate.model_runner import (ModelRunner, eval_data_dir, random_params, resolve_checkpoint,
+                                            resolve_tokenizer, restore_params, workdir_of)
+from avlm_jax.tokenizer import TextTokenizer
+
+
+def evaluate_params(config: ml_collections.ConfigDict, params: Any, tokenizer: TextTokenizer, data_dir: str,
+                    names: Sequence[str], *, name: str = "model", picture_dir: str | None = None,
+                    sets: tuple[dataset.EvalSet, dataset.EvalSet] | None = None,
+                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Run the evaluators `names` on `params`; `sets` reuses already loaded (threshold, eval) sets."""
+  if sets is None:
+    sets = dataset.threshold_and_eval_sets(data_dir, config.data.image_size, config.evals.max_examples)
+  runner = ModelRunner(config, params, tokenizer, config.evals.batch_size, name)
+  train_dir = data_dir if dataset.has_split(data_dir, "train") else None
+  ctx = EvalContext(runner, sets[0], sets[1], train_dir=train_dir, picture_dir=picture_dir)
+  return registry.run_evals(ctx, names, log)
+
+
+def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_dir: str, *,
+                        data_dir: str | None = None, names: Sequence[str] | None = None,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Everything `launch/evaluate.py` does; returns what it writes to `<out_dir>/metrics.json`."""
+  directory, step = resolve_checkpoint(checkpoint)
+  workdir = workdir_of(directory)
+  tokenizer = resolve_tokenizer(config, workdir)
+  data_dir = data_dir or eval_data_dir(config, workdir)
+  names = registry.enabled(config, names)
+  log(f"evaluating {directory}/{step} on {data_dir}: {', '.join(names)}")
+  sets = dataset.threshold_and_eval_sets(data_dir, config.data.image_size, config.evals.max_examples)
+  subjects: dict[str, Callable[[], Any]] = {
+      "model": lambda: restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size)}
+  if config.evals.random_baseline:
+    subjects["random_init"] = lambda: random_params(config, tokenizer.vocab_size, config.seed + 1)
+  if config.evals.holistic_checkpoint:
+    subjects["holistic"] = lambda: restore_params(config, config.evals.holistic_checkpoint, tokenizer.vocab_size)
+  results: dict[str, Any] = {
+      "checkpoint": f"{directory}/{step}", "step": step, "data_dir": os.path.abspath(data_dir),
+      "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "threshold_split": sets[0].name, "eval_split": sets[1].name, "subjects": {}}
+  for subject, params_fn in subjects.items():
+    pics = os.path.join(out_dir, "pictures") if subject == "model" else None
+    results["subjects"][subject] = evaluate_params(config, params_fn(), tokenizer, data_dir, names,
+                                                   name=subject, picture_dir=pics, sets=sets, log=log)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(metrics.to_json(results), f, indent=1, allow_nan=False)
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write(report.markdown(results, config, out_dir))
+  log(f"wrote {out_dir}/metrics.json and {out_dir}/report.md")
+  return results

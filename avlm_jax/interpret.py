@@ -1,0 +1,149 @@
+"""Interpret radiographs with a trained checkpoint: the notebook API.
+
+    from avlm_jax import interpret
+    model = interpret.load("workdir/tiny/checkpoints", "configs/tiny.py")
+    result = model.interpret("chest.dcm")        # or a PNG/JPEG path, or an (H, W) array
+    result.image_findings                        # {"pleural effusion": 0.83, ...}
+    result.region_findings["left costophrenic angle"]   # {"pleural effusion": 0.91, ...}
+    result.boxes["cardiac silhouette"]           # (x1, y1, x2, y2) in the input's pixels
+    result.figure                                # matplotlib Figure
+
+Probabilities are read the way the losses were trained (avlm_jax/evaluate/scoring.py): image
+level, sigmoid(scale · cos + bias) of the CLS embedding against each label prompt; region level,
+the region's softmax preference for "<finding> in the <region>" over its negation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from avlm_jax import anatomy
+from avlm_jax.evaluate import pictures, scoring
+from avlm_jax.evaluate.model_runner import (ModelRunner, resolve_checkpoint, resolve_tokenizer, restore_params,
+                                            workdir_of)
+from avlm_jax.evaluate.radiograph_io import ImageReadError, read_radiograph  # noqa: F401 (re-exported)
+from data_pipelines.input_pipeline import letterbox
+
+
+def load_config(spec: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A ConfigDict as is, or `path/to/config.py[:arg]` through its `get_config(arg)`."""
+  if isinstance(spec, ml_collections.ConfigDict):
+    return spec
+  path, _, arg = str(spec).partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("avlm_config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+@dataclasses.dataclass
+class Interpretation:
+  image: np.ndarray                             # (H, W) uint8, as read
+  boxes: dict[str, tuple[float, float, float, float]]  # region -> xyxy in the input's pixels
+  region_findings: dict[str, dict[str, float]]  # region -> finding -> probability
+  image_findings: dict[str, float]              # finding -> probability
+  figure: Figure
+  source: str = "array"
+
+  def top_regions(self, finding: str, k: int = 3) -> list[tuple[str, float]]:
+    if finding not in self.image_findings:
+      raise KeyError(f"finding {finding!r} was not scored; scored: {list(self.image_findings)}")
+    ranked = sorted(self.region_findings.items(), key=lambda kv: -kv[1][finding])
+    return [(region, probs[finding]) for region, probs in ranked[:k]]
+
+  def png(self) -> bytes:
+    return pictures.png_bytes(self.figure)
+
+
+def interpretation_figure(image: np.ndarray, boxes: np.ndarray, region_probs: np.ndarray,
+                          image_probs: np.ndarray, findings: Sequence[str], title: str) -> Figure:
+  """Left: regions filled by their top finding probability; right: image-level probabilities."""
+  fig = pictures.region_heat_figure(image, boxes, region_probs, findings, title=title)
+  fig.set_size_inches(12, 6)
+  fig.axes[0].set_position([0.01, 0.05, 0.52, 0.88])
+  fig.axes[1].set_position([0.54, 0.05, 0.012, 0.88])  # the colour bar
+  ax = fig.add_axes([0.76, 0.15, 0.22, 0.7])
+  order = np.argsort(image_probs)
+  ax.barh([findings[i] for i in order], image_probs[order], color="tab:red")
+  ax.set_xlim(0, 1)
+  ax.set_xlabel("image-level probability")
+  ax.tick_params(labelsize=8)
+  return fig
+
+
+class Interpreter:
+  """A loaded checkpoint; `interpret(image)` per radiograph. Text embeddings are computed once."""
+
+  def __init__(self, runner: ModelRunner, findings: Sequence[str] | None = None):
+    config = runner.config
+    self.runner = runner
+    self.findings = scoring.check_findings(findings or config.labels, "findings")
+    anat = config.evals.zeroshot_anatomy
+    self._prompt_emb = runner.embed_texts(
+        scoring.image_prompts(self.findings, config.prompt_template, config.prompt_style), config.data.max_prompt_len)
+    pos, neg = scoring.region_texts(self.findings, anat.positive_template, anat.negative_template)
+    shape = (anatomy.NUM_REGIONS, len(self.findings), -1)
+    self._pos = runner.embed_texts(pos, config.data.max_phrase_len).reshape(shape)
+    self._neg = runner.embed_texts(neg, config.data.max_phrase_len).reshape(shape)
+
+  def interpret(self, image: Any, *, title: str | None = None) -> Interpretation:
+    """`image`: a PNG/JPEG/DICOM path, a PIL image or an array (H, W[, C])."""
+    source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "array"
+    pixels = read_radiograph(image)
+    h, w = pixels.shape
+    size = self.runner.config.data.image_size
+    boxed, _ = letterbox(pixels, np.zeros((0, 4), np.float32), size)
+    out = self.runner.encode_images(boxed[None])
+    sc = self.runner.scales
+    image_probs = scoring.image_probabilities(out["image_emb"], self._prompt_emb, sc["global_scale"],
+                                              sc["global_bias"])[0]
+    region_probs = scoring.region_probabilities(out["region_emb"], self._pos, self._neg, sc["region_scale"])[0]
+    boxes = to_input_pixels(pictures.cxcywh_to_xyxy(out["boxes"][0], size), (h, w), size)
+    fig = interpretation_figure(pixels, boxes, region_probs, image_probs, self.findings,
+                                title if title is not None else os.path.basename(source))
+    return Interpretation(
+        image=pixels,
+        boxes={r: tuple(float(v) for v in boxes[i]) for i, r in enumerate(anatomy.REGION_NAMES)},
+        region_findings={r: {f: float(region_probs[i, c]) for c, f in enumerate(self.findings)}
+                         for i, r in enumerate(anatomy.REGION_NAMES)},
+        image_findings={f: float(image_probs[c]) for c, f in enumerate(self.findings)},
+        figure=fig, source=source)
+
+
+def to_input_pixels(boxes: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+  """xyxy in the letterboxed `size` square -> xyxy in the (H, W) input, clipped to the image
+  (a box reaching into the letterbox padding ends at the image border)."""
+  h, w = shape
+  scale = size / max(h, w)
+  nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+  top, left = (size - nh) // 2, (size - nw) // 2
+  sx, sy = nw / w, nh / h
+  b = (np.asarray(boxes, np.float64) - np.array([left, top, left, top])) / np.array([sx, sy, sx, sy])
+  return np.clip(b, 0.0, np.array([w, h, w, h], np.float64))
+
+
+def load(checkpoint: str, config: str | ml_collections.ConfigDict, *, findings: Sequence[str] | None = None,
+         tokenizer_dir: str | None = None) -> Interpreter:
+  """Load `checkpoint` (a step folder, a checkpoints folder or a training workdir) made by `config`
+  (a ConfigDict or `configs/x.py[:arg]`). A checkpoint made by a different config raises
+  IncompatibleCheckpointError naming the keys that differ; an unknown finding name raises KeyError."""
+  config = load_config(config)
+  if findings is not None:
+    scoring.check_findings(findings, "findings")
+  directory, step = resolve_checkpoint(checkpoint)
+  if tokenizer_dir:
+    from avlm_jax.tokenizer import TextTokenizer
+    tokenizer = TextTokenizer(tokenizer_dir)
+  else:
+    tokenizer = resolve_tokenizer(config, workdir_of(directory))
+  params = restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size)
+  return Interpreter(ModelRunner(config, params, tokenizer, batch_size=1, name=f"{directory}/{step}"), findings)

@@ -1,0 +1,60 @@
+r"""Evaluate a checkpoint: every enabled `config.evals.<name>` evaluator on the model and its
+baselines; writes metrics.json, report.md and pictures/ into --out.
+
+  python -m launch.evaluate --checkpoint=workdir/tiny --config=configs/tiny.py --out=workdir/tiny/eval
+  python -m launch.evaluate --checkpoint=workdir/tiny/checkpoints/200 --config=configs/tiny.py \
+      --only=zeroshot_image,localisation --config.evals.holistic_checkpoint=workdir/tiny_holistic
+
+--checkpoint takes a step folder, a checkpoints folder (latest step) or a training workdir.
+The config must be the one the checkpoint was trained with (the check names differing keys).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from avlm_jax.config_check import check_config_keys, check_override_flags
+from configs import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to the training config file[:arg].",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Step folder, checkpoints folder or workdir.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint folder>/../eval_<step>).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Triple folder to evaluate on (default: the config's).")
+_ONLY = flags.DEFINE_list("only", None, "Evaluators to run (default: every enabled one).")
+flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import os
+
+  import jax
+
+  jax.config.update("jax_threefry_partitionable", True)
+  from avlm_jax.evaluate.model_runner import CheckpointNotFoundError, resolve_checkpoint, workdir_of
+  from avlm_jax.evaluate.radiograph_io import ImageReadError
+  from avlm_jax.evaluate.runner import evaluate_checkpoint
+  from avlm_jax.train.checkpoint import IncompatibleCheckpointError
+
+  try:
+    check_config_keys(_CONFIG.value, common.base_config())
+    directory, step = resolve_checkpoint(_CHECKPOINT.value)
+    out = _OUT.value or os.path.join(workdir_of(directory) or directory, f"eval_{step}")
+    evaluate_checkpoint(os.path.join(directory, str(step)), _CONFIG.value, out, data_dir=_DATA_DIR.value,
+                        names=_ONLY.value)
+  except (KeyError, IncompatibleCheckpointError, CheckpointNotFoundError, FileNotFoundError,
+          ImageReadError) as e:
+    sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+
+
+if __name__ == "__main__":
+  try:
+    check_override_flags(sys.argv[1:], common.base_config())
+  except KeyError as e:
+    sys.exit(f"error: {e.args[0]}")
+  app.run(main)
