@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 12
   c.data.num_threads = 2
   c.data.num_workers = 0
+  # Global batches prepared ahead in a background thread (with a frozen text tower this includes
+  # encoding new texts), overlapping the device step; 0 prepares each batch inline.
+  c.data.prefetch = 2
   # The paper's region-text sampling (data_pipelines/region_text_sampling.py); off = raw phrases.
   c.data.text_sampling = ml_collections.ConfigDict(dict(
       enabled=False, perturb_prob=0.2, negate_fraction=0.5, empty_region_text="mixed",
@@ -76,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
       dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
            scan=False, remat_policy="none",  # remat: none | full | dots | dots_no_batch
            gelu_approximate=False,  # True for big_vision/vit_jax checkpoints (tanh GELU)
+           # False: the holistic ablation (a plain ViT; image-level loss only): see holistic().
+           anatomy_tokens=True,
            init_from=""))  # a ViT checkpoint: big_vision .npz, timm or HF safetensors
   c.model.text = ml_collections.ConfigDict(
       dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0,
@@ -140,3 +145,15 @@ def base_config() -> ml_collections.ConfigDict:
       coordinator_address="", num_processes=-1, process_id=-1, timeout_s=300, cpu_collectives="gloo"))
   c.lock()
   return c
+
+
+def holistic(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The holistic ablation of `c`: no anatomy tokens (a plain ViT), the image-level loss only,
+  from step 1. Evaluate it beside the full model with --config.evals.holistic_checkpoint."""
+  c.model.image.anatomy_tokens = False
+  c.loss.anatomy_weight = 0.0
+  c.loss.fine_weight = 0.0
+  c.stages.global_start = 0.0
+  c.stages.fine_start = 0.0
+  return c
+

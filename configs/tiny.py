@@ -14,15 +14,23 @@ falls from ~8.7 (step 20) to ~3 (step 200), the box terms fastest. data=shapes (
 32 px, the tests' data) needs no CT. Checkpoints go to <workdir>/checkpoints, metrics to
 <workdir>/metrics.jsonl. Rerunning the command resumes.
 
+The holistic ablation (no anatomy tokens, image-level loss only) and its evaluation beside the
+full model, with the random-encoder baseline:
+
+  python -m launch.train --config=configs/tiny.py:holistic --workdir=workdir/tiny_holistic
+  python -m launch.evaluate --config=configs/tiny.py --checkpoint=workdir/tiny \
+      --config.evals.holistic_checkpoint=workdir/tiny_holistic --out=workdir/tiny_eval
+
 Arguments: steps (int), batch (int), preset ('dp' | 'fsdp' | ...), fsdp (mesh fsdp size;
-data = -1), data ('synthcxr' | 'shapes').
+data = -1), data ('synthcxr' | 'shapes'), holistic (bool).
 """
 
 from configs import common
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=200, batch=16, preset="dp", fsdp=1, data="synthcxr")
+  arg = common.parse_arg(arg, steps=200, batch=16, preset="dp", fsdp=1, data="synthcxr",
+                         holistic=False)
   c = common.base_config()
   c.total_steps = arg.steps
   c.batch_size = arg.batch
@@ -42,4 +50,6 @@ def get_config(arg: str | None = None):
     c.data.max_phrase_len = 24
   elif arg.data != "shapes":
     raise ValueError(f"tiny config: data={arg.data!r}; expected 'synthcxr' or 'shapes'")
+  if arg.holistic:
+    common.holistic(c)
   return c

@@ -29,11 +29,12 @@ def tokenizer(synthetic_dir):
   return TextTokenizer(os.path.join(synthetic_dir, "tokenizer"))
 
 
-def tiny_config(**overrides):
-  """The tiny config on drawn shapes, with dotted-key overrides, e.g. tiny_config(**{"mesh.fsdp": 2})."""
+def tiny_config(arg="", **overrides):
+  """The tiny config on drawn shapes (plus `arg`, e.g. "holistic"), with dotted-key overrides,
+  e.g. tiny_config(**{"mesh.fsdp": 2})."""
   from configs import tiny
 
-  c = tiny.get_config("data=shapes")  # drawn shapes: fast, and need no CT
+  c = tiny.get_config(",".join(filter(None, ["data=shapes", arg])))  # drawn shapes: fast, need no CT
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -54,3 +55,15 @@ def tiny_checkpoint(synthetic_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
   return workdir, cfg
+
+
+@pytest.fixture(scope="session")
+def holistic_checkpoint(synthetic_dir, tmp_path_factory):
+  """(workdir, config) of a 2-step run of the holistic ablation (no anatomy tokens) on one device."""
+  from avlm_jax.train.loop import train_and_evaluate
+
+  cfg = tiny_config("holistic", **{"data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 2,
+                                   "log_every": 1, "checkpoint_every": 2})
+  workdir = str(tmp_path_factory.mktemp("holistic_run"))
+  run = train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  return workdir, cfg, run["history"]

@@ -154,22 +154,37 @@ def test_evaluations_inside_training(tiny_checkpoint):
   assert set(full) == {"step", "zeroshot_image", "localisation"}
 
 
-def test_standalone_evaluation_writes_metrics_and_report(tiny_checkpoint, tmp_path):
+def test_standalone_evaluation_writes_metrics_and_report(tiny_checkpoint, holistic_checkpoint, tmp_path):
   workdir, trained = tiny_checkpoint
   config = copy.deepcopy(trained)
   config.evals.segmentation.enabled = False
-  config.evals.holistic_checkpoint = workdir  # stands in for a holistic run: same config, same shapes
+  config.evals.holistic_checkpoint = holistic_checkpoint[0]
   res = runner.evaluate_checkpoint(workdir, config, str(tmp_path), log=lambda s: None)
   assert set(res["subjects"]) == {"model", "random_init", "holistic"}
   saved = json.load(open(tmp_path / "metrics.json"))
   model, holistic = saved["subjects"]["model"], saved["subjects"]["holistic"]
   assert model["localisation"]["map50"] == pytest.approx(res["subjects"]["model"]["localisation"]["map50"])
-  assert holistic["zeroshot_image"]["per_finding"] == model["zeroshot_image"]["per_finding"]
+  # The holistic model (its own saved config, no anatomy tokens) is scored image-level only.
+  assert holistic["localisation"] == {"skipped": "the model has no anatomy tokens (holistic ablation)",
+                                      "seconds": holistic["localisation"]["seconds"]}
+  assert "skipped" in holistic["zeroshot_anatomy"]
+  assert set(holistic["zeroshot_image"]["per_finding"]) == set(model["zeroshot_image"]["per_finding"])
+  assert holistic["zeroshot_image"]["per_finding"] != model["zeroshot_image"]["per_finding"]
   assert saved["subjects"]["random_init"]["zeroshot_image"]["per_finding"] != model["zeroshot_image"]["per_finding"]
   report = open(tmp_path / "report.md").read()
   assert "| metric | model | random_init | holistic |" in report
+  assert "| localisation: mean IoU | " in report and report.split("| localisation: mean IoU | ")[1].split("\n")[0].endswith("| – |")
   assert "![zeroshot_image roc](pictures/roc_image_level.png)" in report
   assert os.path.getsize(tmp_path / "pictures" / "boxes.png") > 1000
+
+
+def test_a_baseline_with_other_labels_is_refused(tiny_checkpoint, holistic_checkpoint, tmp_path):
+  workdir, trained = tiny_checkpoint
+  config = copy.deepcopy(trained)
+  config.labels = tuple(config.labels)[:-1]
+  config.evals.holistic_checkpoint = holistic_checkpoint[0]
+  with pytest.raises(IncompatibleCheckpointError, match=r"baseline checkpoint .*/2 was trained with labels="):
+    runner.evaluate_checkpoint(workdir, config, str(tmp_path), names=["localisation"], log=lambda s: None)
 
 
 def test_standalone_evaluation_refuses_a_checkpoint_of_another_config(tiny_checkpoint, tmp_path):

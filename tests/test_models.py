@@ -31,6 +31,17 @@ def test_anatomy_vit_output_shapes():
   np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, atol=1e-5)
 
 
+def test_holistic_vit_has_no_anatomy_tokens():
+  """num_regions=0 (the holistic ablation): CLS + patches only, empty region outputs."""
+  vit = AnatomyViT(patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64, embed_dim=24, num_regions=0)
+  out, params = vit.init_with_output(jax.random.key(1), jnp.zeros((2, 16, 16, 1)))
+  assert out["boxes"].shape == (2, 0, 4) and out["region_emb"].shape == (2, 0, 24)
+  assert out["image_emb"].shape == (2, 24) and out["patch_tokens"].shape == (2, 2, 2, 32)
+  names = set(params["params"])
+  assert not names & {"anatomy_tokens", "box_head", "region_projection"}, names
+  assert params["params"]["pos_embedding"].value.shape == (1, 1 + 4, 32)
+
+
 def test_anatomy_vit_rejects_sizes_not_multiple_of_patch():
   vit = AnatomyViT(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=8)
   with pytest.raises(ValueError, match="not a multiple of patch_size 8"):

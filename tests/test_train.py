@@ -87,6 +87,18 @@ def test_mesh_that_does_not_fit_stops_at_start(synthetic_dir, tmp_path):
     train_and_evaluate(_config(synthetic_dir, batch_size=12), str(tmp_path))
 
 
+def test_holistic_ablation_trains_the_image_level_loss_only(holistic_checkpoint, synthetic_dir, tmp_path):
+  _, cfg, history = holistic_checkpoint
+  assert [h["step"] for h in history] == [1, 2]
+  for h in history:
+    assert h["loss_anatomy"] == 0 and h["loss_fine"] == 0 and h["stage"] == 3
+    assert h["loss"] == pytest.approx(h["loss_global"]) and h["loss_global"] > 0
+  bad = _config(synthetic_dir, **{"model.image.anatomy_tokens": False})
+  with pytest.raises(ValueError, match=r"anatomy_tokens=False \(holistic\) leaves nothing for "
+                                       r"loss.anatomy_weight=1.0, loss.fine_weight=1.0"):
+    train_and_evaluate(bad, str(tmp_path))
+
+
 def test_unknown_config_keys_are_named():
   cfg = tiny_config()
   check_config_keys(cfg, common.base_config())

@@ -115,6 +115,34 @@ def restore_params(config: ml_collections.ConfigDict, checkpoint: str, vocab_siz
   return nn.unbox(restored["state"].params)
 
 
+def baseline_config(config: ml_collections.ConfigDict, checkpoint: str) -> ml_collections.ConfigDict:
+  """The config a baseline checkpoint was trained with (saved beside it), evaluated with
+  `config`'s evaluator settings; its image size and labels must be `config`'s."""
+  from avlm_jax.train.checkpoint import ADDED_KEYS, Checkpointer, IncompatibleCheckpointError
+
+  directory, step = resolve_checkpoint(checkpoint)
+  ckpt = Checkpointer(directory)
+  try:
+    saved = ml_collections.ConfigDict(ckpt.saved_config(step))
+  finally:
+    ckpt.close()
+  for dotted, default in ADDED_KEYS.items():
+    *parents, leaf = dotted.split(".")
+    node = saved
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      node[leaf] = default
+  for key, ours, theirs in (("data.image_size", config.data.image_size, saved.data.image_size),
+                            ("labels", list(config.labels), list(saved.labels))):
+    if ours != theirs:
+      raise IncompatibleCheckpointError(
+          f"baseline checkpoint {directory}/{step} was trained with {key}={theirs!r}, the evaluated "
+          f"config has {ours!r}; a baseline must see the same images and labels")
+  saved.evals = copy.deepcopy(config.evals)
+  return saved
+
+
 def random_params(config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0) -> Any:
   """A fresh initialisation, with the config's pretrained *text* tower loaded when it names one
   (the baseline isolates what training the image side bought; the paper's text tower is frozen)."""

@@ -18,6 +18,10 @@ EVALUATORS: dict[str, Callable[[EvalContext, ml_collections.ConfigDict], dict[st
     "segmentation": segmentation.evaluate,
 }
 
+# Evaluators that read the anatomy tokens' outputs (boxes, region embeddings): a model without
+# them (the holistic ablation) is reported as skipped there, not scored.
+NEEDS_ANATOMY_TOKENS = ("zeroshot_anatomy", "localisation")
+
 # The numbers a summary shows for each evaluator: (label, path into its result).
 HEADLINES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "zeroshot_image": (("AUC", ("mean_auc",)), ("balanced accuracy", ("mean_balanced_accuracy",)),
@@ -47,7 +51,10 @@ def run_evals(ctx: EvalContext, names: Sequence[str], log: Callable[[str], None]
   results = {}
   for name in names:
     t0 = time.perf_counter()
-    results[name] = EVALUATORS[name](ctx, config.evals[name])
+    if name in NEEDS_ANATOMY_TOKENS and not config.model.image.anatomy_tokens:
+      results[name] = {"skipped": "the model has no anatomy tokens (holistic ablation)"}
+    else:
+      results[name] = EVALUATORS[name](ctx, config.evals[name])
     results[name]["seconds"] = time.perf_counter() - t0
     log(f"  {ctx.runner.name} / {name}: {results[name]['seconds']:.1f}s")
   return results

@@ -2,9 +2,11 @@
 report.md (with the pictures) into an output folder.
 
 Subjects: `model` (the checkpoint), `random_init` (the same config freshly initialised; a
-pretrained text tower it names is still loaded) and `holistic` (a checkpoint of the same config
-trained with the image-level loss only: `--config.loss.anatomy_weight=0 --config.loss.fine_weight=0`;
-its anatomy tokens exist but get no box or phrase supervision).
+pretrained text tower it names is still loaded) and `holistic` (the ablation without anatomy
+tokens, trained with the image-level loss only: `configs/tiny.py:holistic`, or any config through
+`configs.common.holistic`). The holistic checkpoint is rebuilt from the config saved with it; its
+image size and labels must equal the evaluated config's. It has no boxes or region embeddings, so
+the anatomy evaluators report it as skipped.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import ml_collections
 
 from avlm_jax.evaluate import dataset, metrics, registry, report
 from avlm_jax.evaluate.context import EvalContext
-from avlm_jax.evaluate.model_runner import (ModelRunner, eval_data_dir, random_params, resolve_checkpoint,
-                                            resolve_tokenizer, restore_params, workdir_of)
+from avlm_jax.evaluate.model_runner import (ModelRunner, baseline_config, eval_data_dir, random_params,
+                                            resolve_checkpoint, resolve_tokenizer, restore_params, workdir_of)
 from avlm_jax.tokenizer import TextTokenizer
 
 
@@ -47,19 +49,22 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_
   names = registry.enabled(config, names)
   log(f"evaluating {directory}/{step} on {data_dir}: {', '.join(names)}")
   sets = dataset.threshold_and_eval_sets(data_dir, config.data.image_size, config.evals.max_examples)
-  subjects: dict[str, Callable[[], Any]] = {
-      "model": lambda: restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size)}
+  # subject -> (its config, a function giving its params)
+  subjects: dict[str, tuple[ml_collections.ConfigDict, Callable[[], Any]]] = {
+      "model": (config, lambda: restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size))}
   if config.evals.random_baseline:
-    subjects["random_init"] = lambda: random_params(config, tokenizer.vocab_size, config.seed + 1)
+    subjects["random_init"] = (config, lambda: random_params(config, tokenizer.vocab_size, config.seed + 1))
   if config.evals.holistic_checkpoint:
-    subjects["holistic"] = lambda: restore_params(config, config.evals.holistic_checkpoint, tokenizer.vocab_size)
+    holistic = baseline_config(config, config.evals.holistic_checkpoint)
+    subjects["holistic"] = (holistic, lambda: restore_params(holistic, config.evals.holistic_checkpoint,
+                                                             tokenizer.vocab_size))
   results: dict[str, Any] = {
       "checkpoint": f"{directory}/{step}", "step": step, "data_dir": os.path.abspath(data_dir),
       "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "threshold_split": sets[0].name, "eval_split": sets[1].name, "subjects": {}}
-  for subject, params_fn in subjects.items():
+  for subject, (subject_config, params_fn) in subjects.items():
     pics = os.path.join(out_dir, "pictures") if subject == "model" else None
-    results["subjects"][subject] = evaluate_params(config, params_fn(), tokenizer, data_dir, names,
+    results["subjects"][subject] = evaluate_params(subject_config, params_fn(), tokenizer, data_dir, names,
                                                    name=subject, picture_dir=pics, sets=sets, log=log)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:

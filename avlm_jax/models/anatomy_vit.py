@@ -6,6 +6,9 @@ Outputs per image:
   * `image_emb`  (B, E):    L2-normalised projection of the CLS token;
   * `patch_tokens` (B, h, w, D): final-layer patch features (for dense heads / segmentation);
   * `region_tokens` (B, R, D) and `cls_token` (B, D): the raw encoder outputs.
+
+`num_regions=0` is the holistic ablation: a plain ViT (CLS + patches) whose region outputs are
+empty (B, 0, ...), with no box head or region projection.
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ class AnatomyViT(nn.Module):
 
     init = nn.initializers.normal(stddev=0.02)
     cls = self.param("cls_token", layers.partitioned(nn.initializers.zeros, (None, None, "embed")), (1, 1, d))
-    queries = self.param("anatomy_tokens", layers.partitioned(init, (None, "region", "embed")),
-                         (1, self.num_regions, d))
+    r = self.num_regions
+    queries = (self.param("anatomy_tokens", layers.partitioned(init, (None, "region", "embed")), (1, r, d))
+               if r else jnp.zeros((1, 0, d)))
     seq_len = 1 + self.num_regions + gh * gw
     pos = self.param("pos_embedding", layers.partitioned(init, (None, "length", "embed")), (1, seq_len, d))
 
@@ -105,10 +109,14 @@ class AnatomyViT(nn.Module):
     region_tokens = nn.with_logical_constraint(region_tokens, ("act_batch", "act_region", "act_embed"))
     patch_tokens = x[:, 1 + self.num_regions:]
 
-    boxes = BoxHead(d, dtype=self.dtype, name="box_head")(region_tokens)
-    context = jnp.broadcast_to(patch_tokens.mean(axis=1, keepdims=True), region_tokens.shape)
-    region_in = jnp.concatenate([region_tokens, context], axis=-1)
-    region_emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "region_projection")(region_in)
+    if r:
+      boxes = BoxHead(d, dtype=self.dtype, name="box_head")(region_tokens)
+      context = jnp.broadcast_to(patch_tokens.mean(axis=1, keepdims=True), region_tokens.shape)
+      region_in = jnp.concatenate([region_tokens, context], axis=-1)
+      region_emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "region_projection")(region_in)
+    else:
+      boxes = jnp.zeros((b, 0, 4), jnp.float32)
+      region_emb = jnp.zeros((b, 0, self.embed_dim), jnp.float32)
     image_emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "image_projection")(cls_out)
     return {
         "boxes": boxes,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from avlm_jax import anatomy
 from avlm_jax.models import layers
 from avlm_jax.models.anatomy_vit import AnatomyViT, l2_normalize
 from avlm_jax.models.text_tower import TextTower
@@ -74,7 +75,10 @@ class AnatomyVLM(nn.Module):
     """images (B,H,W,C) float; phrases as tokens (B,R,L) or cached pooled features (B,R,D);
     label prompts as tokens (C,L) or features (C,D) -> all embeddings, boxes and logit scales."""
     out = dict(self.image(images, train=train))
-    out["phrase_emb"] = self._texts(phrase_tokens, phrase_features, train)
+    if self.image.num_regions:
+      out["phrase_emb"] = self._texts(phrase_tokens, phrase_features, train)
+    else:  # holistic: no regions, so the phrases have nothing to align with
+      out["phrase_emb"] = jnp.zeros((images.shape[0], 0, self.embed_dim), jnp.float32)
     out["prompt_emb"] = self._texts(prompt_tokens, prompt_features, train)
     out.update(self.logit_scales())
     return out
@@ -88,6 +92,7 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ana
       image=AnatomyViT(
           patch_size=img.patch_size, width=img.width, depth=img.depth, num_heads=img.num_heads,
           mlp_dim=img.mlp_dim, embed_dim=model_config.embed_dim, dropout_rate=img.dropout,
+          num_regions=anatomy.NUM_REGIONS if img.anatomy_tokens else 0,
           dtype=dtype, scan=img.scan, remat_policy=img.remat_policy,
           gelu_approximate=img.gelu_approximate),
       text=TextTower(

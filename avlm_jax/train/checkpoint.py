@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
 # Keys under RESUME_KEYS that may change freely between runs (throughput knobs). Not
 # `data.num_workers`: Grain's in-process and multi-worker iterators save different states.
-RESUME_FREE = ("data.num_threads",)
+RESUME_FREE = ("data.num_threads", "data.prefetch")
+# Keys added after checkpoints were already written, with the value older checkpoints implied.
+ADDED_KEYS = {"model.image.anatomy_tokens": True}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -39,7 +41,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   for key in sorted(set(a) | set(b)):
     if any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
       continue
-    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    va, vb = a.get(key, ADDED_KEYS.get(key, "<absent>")), b.get(key, "<absent>")
     if va != vb:
       diffs.append(f"{key}: {va!r} in the checkpoint, {vb!r} now")
   return diffs
@@ -77,10 +79,14 @@ class Checkpointer:
         data_iter=grain.checkpoint.CheckpointSave(data_iter),
         config=ocp.args.JsonSave(config)), force=force)
 
+  def saved_config(self, step: int) -> dict:
+    """The config (JSON) saved with step `step`."""
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
   def check_compatible(self, step: int, abstract_state: Any, config: dict) -> None:
     """Raise IncompatibleCheckpointError naming the config keys or parameters that differ."""
     where = f"checkpoint {self.directory}/{step}"
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved = self.saved_config(step)
     diffs = config_differences(saved, config)
     if diffs:
       raise IncompatibleCheckpointError(

@@ -16,11 +16,13 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from avlm_jax import anatomy, sharding
+from avlm_jax.losses import multiscale
 from avlm_jax.models.anatomy_vlm import build_model
 from avlm_jax.train import data as train_data
 from avlm_jax.train import metrics as train_metrics
 from avlm_jax.train.checkpoint import Checkpointer
 from avlm_jax.train import pretrained, schedule
+from avlm_jax.train.prefetch import BatchPrefetcher
 from avlm_jax.train.state import StatePlan, make_optimizer, optimizer_groups
 from avlm_jax.train.step import compile_train_step, make_train_step
 from avlm_jax.train.text_cache import TextFeatureCache
@@ -48,12 +50,14 @@ class Trainer:
 
   `start(state)` must be called once the state exists: with a frozen text tower it builds the
   text-feature cache from the state's text params and encodes the label prompts once.
+  `data_iter` yields ready global batches, prepared `config.data.prefetch` steps ahead in a
+  background thread; it is also what checkpoints save (the position of the last batch taken).
   """
 
   config: ml_collections.ConfigDict
   mesh: Any
   model: Any
-  data_iter: Any
+  data_iter: BatchPrefetcher
   prompt_tokens: np.ndarray  # (C, L) label-prompt token ids
   plan: StatePlan
   step_fn: Any  # compiled (state, batch, prompts) -> (state, metrics)
@@ -80,14 +84,18 @@ class Trainer:
       prompts = self.prompt_tokens
     self.prompts = jax.device_put(prompts, sharding.replicated(self.mesh))
 
-  def next_batch(self) -> dict[str, jax.Array]:
-    local = next(self.data_iter)
+  def prepare(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A process-local numpy batch -> the step's global batch (runs in the prefetch thread)."""
     if self.text_cache is not None:
       local["phrase_features"] = self.text_cache.features(local.pop("phrase_tokens"))
     return train_data.to_global(local, self.mesh)
 
+  def next_batch(self) -> dict[str, jax.Array]:
+    return next(self.data_iter)
+
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
+  multiscale.check_weights(config.model, config.loss)
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices, config.mesh_dcn.to_dict())
   rules = sharding.rules_for(config.sharding.preset)
   sharding.check_mesh_for_preset(mesh, config.sharding.preset, config.mesh_dcn.to_dict())
@@ -96,7 +104,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
        f"preset {config.sharding.preset!r}")
 
   data_dir, tokenizer = train_data.prepare_dataset(config, workdir)
-  data_iter = train_data.make_train_iterator(config, data_dir, tokenizer)
+  source = train_data.make_train_iterator(config, data_dir, tokenizer)
   prompts = tokenizer(train_data.label_prompt_texts(config), config.data.max_prompt_len)
 
   pretrained.check_text_config(config.model.text, tokenizer.vocab_size)
@@ -126,7 +134,9 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   _say(f"compiled train step in {compile_s:.1f}s"
        + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
        + f"; stages: +global after step {starts[0]}, +fine after step {starts[1]}")
-  return Trainer(config, mesh, model, data_iter, prompts, plan, step_fn, compile_s)
+  trainer = Trainer(config, mesh, model, None, prompts, plan, step_fn, compile_s)
+  trainer.data_iter = BatchPrefetcher(source, trainer.prepare, config.data.prefetch)
+  return trainer
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -189,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       writer.write(done, eval_scalars)
       history.append({"step": done, **eval_scalars})
       _say(f"step {done} evals: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in eval_scalars.items()))
+  data_iter.close()
   ckpt.wait()
   ckpt.close()
   _say(f"done: checkpoints in {ckpt.directory}, metrics in {writer.path}")
