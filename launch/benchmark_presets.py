@@ -23,7 +23,6 @@ compiler, e.g. libtpu for TPU); where the installed jax cannot, the row says why
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -126,6 +125,7 @@ def run_preset(config, preset: str, workdir: str) -> dict:
   import jax
 
   from avlm_jax.train.loop import build_trainer
+  from avlm_jax.train.step_timer import time_steps
 
   n = jax.device_count()
   mesh = default_mesh(preset, n, _TENSOR.value)
@@ -148,25 +148,12 @@ def run_preset(config, preset: str, workdir: str) -> dict:
   if _STEPS.value:
     state = trainer.plan.initialize(jax.random.key(config.seed))
     trainer.start(state)
-    for _ in range(_WARMUP.value):
-      state, _ = trainer.step_fn(state, trainer.next_batch(), trainer.prompts)
-    jax.block_until_ready(state)
-    step_s, wait_s = [], 0.0
-    t_all = time.perf_counter()
-    for _ in range(_STEPS.value):
-      t0 = time.perf_counter()
-      batch = trainer.next_batch()
-      t1 = time.perf_counter()
-      state, metrics = trainer.step_fn(state, batch, trainer.prompts)
-      jax.block_until_ready(metrics)
-      wait_s += t1 - t0
-      step_s.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - t_all
-    median = statistics.median(step_s)
+    _, times = time_steps(trainer, state, _WARMUP.value, _STEPS.value)
+    median = times.median_s
     ex_s = config.batch_size / median
     peak = peak_flops(dev.device_kind)
     row.update({"median_step_s": round(median, 5), "examples_per_s": round(ex_s, 1),
-                "examples_per_s_per_device": round(ex_s / n, 1), "data_wait_fraction": round(wait_s / wall, 3),
+                "examples_per_s_per_device": round(ex_s / n, 1), "data_wait_fraction": round(times.data_wait_fraction, 3),
                 "mfu": round(flops * ex_s / (peak * n), 4) if peak else "n/a"})
   return row
 

@@ -9,9 +9,7 @@ pipeline, and the compiled step's temporary memory per device.
 """
 
 import json
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,29 +27,17 @@ def main(argv):
 
   jax.config.update("jax_threefry_partitionable", True)
   from avlm_jax.train.loop import build_trainer
+  from avlm_jax.train.step_timer import time_steps
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="avlm_bench_")
   trainer = build_trainer(config, workdir)
   state = trainer.plan.initialize(jax.random.key(config.seed))
   trainer.start(state)
-  for _ in range(_WARMUP.value):
-    state, _ = trainer.step_fn(state, trainer.next_batch(), trainer.prompts)
-  jax.block_until_ready(state)
-  step_s, wait_s = [], 0.0
-  t_all = time.perf_counter()
-  for _ in range(_STEPS.value):
-    t0 = time.perf_counter()
-    batch = trainer.next_batch()
-    t1 = time.perf_counter()
-    state, metrics = trainer.step_fn(state, batch, trainer.prompts)
-    jax.block_until_ready(metrics)
-    wait_s += t1 - t0
-    step_s.append(time.perf_counter() - t0)
-  wall = time.perf_counter() - t_all
+  state, times = time_steps(trainer, state, _WARMUP.value, _STEPS.value)
   n_dev = trainer.mesh.devices.size
   mem = trainer.step_fn.memory_analysis()
-  median = statistics.median(step_s)
+  median, step_s = times.median_s, times.step_s
   result = {
       "device": trainer.mesh.devices.flat[0].device_kind, "devices": n_dev,
       "mesh": dict(trainer.mesh.shape), "preset": config.sharding.preset, "batch": config.batch_size,
@@ -59,7 +45,7 @@ def main(argv):
       "p90_step_s": round(sorted(step_s)[int(0.9 * (len(step_s) - 1))], 5),
       "examples_per_s": round(config.batch_size / median, 1),
       "examples_per_s_per_device": round(config.batch_size / median / n_dev, 1),
-      "data_wait_fraction": round(wait_s / wall, 3),
+      "data_wait_fraction": round(times.data_wait_fraction, 3),
       "temp_mib_per_device": round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None,
   }
   print(json.dumps(result))

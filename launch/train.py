@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avlm_jax.config_check import check_config_keys, check_override_flags
+from avlm_jax.config_check import check_config_keys, run_app
 from configs import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].", lock_config=True)
@@ -41,8 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  try:
-    check_override_flags(sys.argv[1:], common.base_config())
-  except KeyError as e:
-    sys.exit(f"error: {e.args[0]}")
-  app.run(main)
+  run_app(main, common.base_config())

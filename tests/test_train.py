@@ -151,7 +151,7 @@ def test_synth_small_learns_boxes_and_region_phrases(tmp_path, optimized_xla):
     pytest.skip(str(e))
   from configs import synth_small
 
-  cfg = synth_small.get_config("steps=200,batch=16")
+  cfg = synth_small.get_config("data=shapes,steps=200,batch=16")
   cfg.log_every = 25
   cfg.data.synthetic.num_train = 512
   cfg.model.image.update(dict(width=64, mlp_dim=128, num_heads=2))

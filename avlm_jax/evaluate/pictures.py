@@ -134,7 +134,7 @@ def table_heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], 
 
 def segmentation_figure(images: np.ndarray, true: np.ndarray, pred: np.ndarray, structures: Sequence[str],
                         title: str = "") -> Figure:
-  """Rows of examples: the image, true masks and predicted masks as coloured overlays."""
+  """Rows of examples: the image, true masks and predicted masks as coloured overlays with outlines."""
   n = len(images)
   fig = Figure(figsize=(6, 2.2 * n))
   palette = np.array([cm.tab10(k)[:3] for k in range(len(structures))])
@@ -147,6 +147,9 @@ def segmentation_figure(images: np.ndarray, true: np.ndarray, pred: np.ndarray, 
         for k in range(len(structures)):
           overlay[masks[..., k]] = (*palette[k], 0.45)
         ax.imshow(overlay, interpolation="nearest")
+        for k in range(len(structures)):  # outlines: overlapping structures (heart behind lung) stay visible
+          if masks[..., k].any():
+            ax.contour(masks[..., k].astype(float), levels=[0.5], colors=[palette[k]], linewidths=1.0)
       if i == 0:
         ax.set_title(label, fontsize=8)
   handles = [Rectangle((0, 0), 1, 1, fc=palette[k]) for k in range(len(structures))]

@@ -77,7 +77,8 @@ def label_prompt_texts(config: ml_collections.ConfigDict) -> list[str]:
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of one *global* batch as the step sees it.
 
-  With a frozen text tower the phrase token ids are replaced by cached pooled features.
+  With a frozen text tower the phrase token ids are replaced by cached pooled features; the
+  holistic ablation (no anatomy tokens) gets no phrases at all.
   """
   b, r, s = config.batch_size, anatomy.NUM_REGIONS, config.data.image_size
   spec = {
@@ -93,6 +94,9 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
   if config.model.text.frozen:
     del spec["phrase_tokens"]
     spec["phrase_features"] = ((b, r, config.model.text.width), np.float32)
+  if not config.model.image.anatomy_tokens:  # holistic: no region to align a phrase with
+    for k in ("phrase_tokens", "phrase_features", "phrase_ids", "has_phrase", "phrase_positive"):
+      spec.pop(k, None)
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
 

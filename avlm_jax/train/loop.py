@@ -86,9 +86,10 @@ class Trainer:
 
   def prepare(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A process-local numpy batch -> the step's global batch (runs in the prefetch thread)."""
-    if self.text_cache is not None:
+    keys = train_data.batch_spec(self.config)
+    if self.text_cache is not None and "phrase_features" in keys:
       local["phrase_features"] = self.text_cache.features(local.pop("phrase_tokens"))
-    return train_data.to_global(local, self.mesh)
+    return train_data.to_global({k: local[k] for k in keys}, self.mesh)
 
   def next_batch(self) -> dict[str, jax.Array]:
     return next(self.data_iter)

@@ -42,8 +42,7 @@ def make_loss_fn(model, loss_cfg: ml_collections.ConfigDict) -> Callable:
 
   def loss_fn(params, batch: Batch, prompts: jax.Array, rng: jax.Array, train: bool = True,
               weights: dict | None = None):
-    texts = ({"phrase_features": batch["phrase_features"]} if "phrase_features" in batch
-             else {"phrase_tokens": batch["phrase_tokens"]})
+    texts = {k: batch[k] for k in ("phrase_features", "phrase_tokens") if k in batch}  # none: holistic
     texts["prompt_features" if jnp.issubdtype(prompts.dtype, jnp.floating) else "prompt_tokens"] = prompts
     outputs = model.apply({"params": params}, normalize_images(batch["image"]), **texts,
                           train=train, rngs={"dropout": rng})

@@ -1,0 +1,43 @@
+"""Timing training steps for the benchmarks: each step blocked on, the wait for input counted apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass
+class StepTimes:
+  step_s: list[float]  # per step: input wait + device step, blocked on
+  wait_s: float  # total time spent in `next_batch()`
+  wall_s: float
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.step_s)
+
+  @property
+  def data_wait_fraction(self) -> float:
+    return self.wait_s / self.wall_s
+
+
+def time_steps(trainer, state: Any, warmup: int, steps: int) -> tuple[Any, StepTimes]:
+  """Run `warmup` untimed steps, then `steps` timed ones, from a started `trainer`."""
+  for _ in range(warmup):
+    state, _ = trainer.step_fn(state, trainer.next_batch(), trainer.prompts)
+  jax.block_until_ready(state)
+  step_s, wait_s = [], 0.0
+  t_all = time.perf_counter()
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    batch = trainer.next_batch()
+    t1 = time.perf_counter()
+    state, metrics = trainer.step_fn(state, batch, trainer.prompts)
+    jax.block_until_ready(metrics)
+    wait_s += t1 - t0
+    step_s.append(time.perf_counter() - t0)
+  return state, StepTimes(step_s, wait_s, time.perf_counter() - t_all)
