@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.segmentation = ml_collections.ConfigDict(dict(
       enabled=True, structures=("heart", "right lung", "left lung"), modes=("frozen", "finetune"),
       steps=300, batch_size=16, learning_rate=1e-3, encoder_lr_multiplier=0.1, width=32, layers=(),
-      seed=0))
+      seed=0,
+      pixel_stem=True))  # False: masks from the encoder's features alone (no full-resolution pixel stem)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Multi-slice: how many slices (DCN) each mesh axis spans; the rest of each axis is inside a

@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -207,6 +209,18 @@ def test_segmentation_decoder_learns_the_masks(synthetic_dir, tokenizer, tmp_pat
   assert os.path.getsize(tmp_path / "segmentation_frozen.png") > 1000
   assert res["frozen"]["train_loss"][-1] < 0.5 * res["frozen"]["train_loss"][0]
   assert res["frozen"]["mean_dice"] > 0.7, res["frozen"]
+
+
+@pytest.mark.parametrize("pixel_stem", [True, False])
+def test_segmentation_decoder_pixel_stem(pixel_stem):
+  """Without the pixel stem the masks depend on the encoder features only, not on the pixels."""
+  dec = segmentation.UNetDecoder(num_classes=3, levels=2, width=4, pixel_stem=pixel_stem)
+  feats = [jax.random.normal(jax.random.key(i), (1, 2, 2, 6)) for i in range(2)]
+  a, b = jnp.zeros((1, 8, 8, 1)), jnp.ones((1, 8, 8, 1))
+  params = dec.init(jax.random.key(0), feats, a)
+  out_a, out_b = dec.apply(params, feats, a), dec.apply(params, feats, b)
+  assert out_a.shape == (1, 8, 8, 3)
+  assert bool(jnp.any(out_a != out_b)) == pixel_stem
 
 
 def test_segmentation_taps_and_bad_patch_size():

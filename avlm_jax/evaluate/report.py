@@ -70,7 +70,9 @@ def markdown(results: dict[str, Any], config: ml_collections.ConfigDict, out_dir
         if mode in result:
           r = result[mode]
           rows.append([mode] + [r["dice"][s] for s in result["structures"]] + [r["mean_dice"], r["miou"]])
-      md.append(f"Decoder on blocks {result['layers']}, {result['num_train']} training images.\n\n")
+      stem = "with" if result.get("pixel_stem", True) else "without"
+      md.append(f"Decoder on blocks {result['layers']}, {stem} the full-resolution pixel stem, "
+                f"{result['num_train']} training images.\n\n")
       md.append(_table(["encoder"] + [f"Dice {s}" for s in result["structures"]] + ["mean Dice", "mIoU"], rows))
     pics = dict(result.get("pictures", {}))
     for mode in ("frozen", "finetune"):

@@ -53,6 +53,9 @@ class UNetDecoder(nn.Module):
   num_classes: int
   levels: int  # log2(patch size)
   width: int = 32
+  # The full-resolution convolutional stem on the pixels (UNETR has it). Without it the masks come
+  # from the encoder's features alone, which tells encoders apart where pixels nearly suffice.
+  pixel_stem: bool = True
 
   def _channels(self, level: int) -> int:
     return self.width * 2 ** min(self.levels - level, 3)
@@ -73,9 +76,11 @@ class UNetDecoder(nn.Module):
       if level < self.levels:
         s = 2 ** level
         skip = nn.ConvTranspose(c, (s, s), strides=(s, s))(features[self.levels - 1 - level])
-      else:
+      elif self.pixel_stem:
         skip = block(images, c)  # the full-resolution stem
-      x = block(jnp.concatenate([x, skip], axis=-1), c)
+      else:
+        skip = None
+      x = block(x if skip is None else jnp.concatenate([x, skip], axis=-1), c)
     return nn.Conv(self.num_classes, (1, 1))(x).astype(jnp.float32)
 
 
@@ -115,7 +120,7 @@ def train_and_predict(vit: AnatomyViT, image_params: dict, train_images: np.ndar
   if mode not in ("frozen", "finetune"):
     raise ValueError(f"segmentation mode {mode!r}; expected 'frozen' or 'finetune'")
   levels = upsampling_levels(vit.patch_size)
-  decoder = UNetDecoder(train_masks.shape[-1], levels, cfg.width)
+  decoder = UNetDecoder(train_masks.shape[-1], levels, cfg.width, cfg.pixel_stem)
   x0 = normalize_images(jnp.asarray(train_images[:1, ..., None]))
   dec_params = decoder.init(jax.random.key(cfg.seed), encoder_features(vit, image_params, x0, taps), x0)["params"]
 
@@ -180,7 +185,8 @@ def evaluate(ctx: EvalContext, cfg: ml_collections.ConfigDict) -> dict[str, Any]
     return {"skipped": f"the dataset's records carry no masks for all of {structures}"}
   vit, image_params = unscanned_encoder(ctx.runner.model.image, ctx.runner.params["image"])
   taps = tap_layers(vit.depth, upsampling_levels(vit.patch_size), cfg.layers)
-  out: dict[str, Any] = {"structures": structures, "layers": taps, "num_train": int(len(k_train)),
+  out: dict[str, Any] = {"structures": structures, "layers": taps, "pixel_stem": bool(cfg.pixel_stem),
+                         "num_train": int(len(k_train)),
                          "num_eval": int(len(k_eval)), "eval_split": ctx.eval_set.name}
   eval_images = ctx.eval_set.images[k_eval]
   for mode in cfg.modes:
