@@ -157,4 +157,3 @@ def holistic(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.stages.global_start = 0.0
   c.stages.fine_start = 0.0
   return c
-

@@ -5,7 +5,7 @@ The full method at small scale: a frozen pretrained text tower (all-MiniLM-L6-v2
 (sub-sentence positives, 20 % negation/rephrasing, attribute and hard negatives for regions
 without a finding), and the three stages (detection, +global at 10 %, +fine at 20 %).
 Data: SynthCXR (2048 training studies rendered at 96 px, read at 64 px; built into
-<workdir>/data on first use, ~2 min once), or with `data=shapes` the drawn-shapes corpus.
+<workdir>/data on first use, then reused), or with `data=shapes` the drawn-shapes corpus.
 
   python -m launch.train --config=configs/synth_small.py --workdir=workdir/synth_small
   python -m launch.train --config=configs/synth_small.py:holistic --workdir=workdir/synth_small_holistic

@@ -209,6 +209,14 @@ def test_segmentation_decoder_learns_the_masks(synthetic_dir, tokenizer, tmp_pat
   assert os.path.getsize(tmp_path / "segmentation_frozen.png") > 1000
   assert res["frozen"]["train_loss"][-1] < 0.5 * res["frozen"]["train_loss"][0]
   assert res["frozen"]["mean_dice"] > 0.7, res["frozen"]
+  # The image-blind floor: the training masks' per-pixel majority, recomputed here.
+  size = config.data.image_size
+  train_masks, _ = dataset.load_split(synthetic_dir, "train", size, 0).mask_stack(config.evals.segmentation.structures)
+  _, eval_set = dataset.threshold_and_eval_sets(synthetic_dir, size, 0)
+  eval_masks, _ = eval_set.mask_stack(config.evals.segmentation.structures)
+  prior = np.broadcast_to(train_masks.mean(0) > 0.5, eval_masks.shape)
+  want = segmentation.mask_scores(prior, eval_masks, config.evals.segmentation.structures)["mean_dice"]
+  assert res["mean_mask_prior"]["mean_dice"] == pytest.approx(want)
 
 
 @pytest.mark.parametrize("pixel_stem", [True, False])

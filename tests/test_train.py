@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from avlm_jax.config_check import check_config_keys, check_override_flags
-from avlm_jax.train.checkpoint import IncompatibleCheckpointError
+from avlm_jax.train.checkpoint import IncompatibleCheckpointError, config_differences
 from avlm_jax.train.loop import train_and_evaluate
 from configs import common
 from tests.conftest import tiny_config
@@ -97,6 +97,20 @@ def test_holistic_ablation_trains_the_image_level_loss_only(holistic_checkpoint,
   with pytest.raises(ValueError, match=r"anatomy_tokens=False \(holistic\) leaves nothing for "
                                        r"loss.anatomy_weight=1.0, loss.fine_weight=1.0"):
     train_and_evaluate(bad, str(tmp_path))
+
+
+def test_config_keys_added_later_read_as_their_old_meaning():
+  """A checkpoint written before `model.image.anatomy_tokens` existed had anatomy tokens."""
+  current = json.loads(tiny_config().to_json())
+  saved = json.loads(tiny_config().to_json())
+  del saved["model"]["image"]["anatomy_tokens"]
+  assert config_differences(saved, current) == []
+  current["model"]["image"]["anatomy_tokens"] = False
+  assert config_differences(saved, current) == [
+      "model.image.anatomy_tokens: True in the checkpoint, False now"]
+  current = json.loads(tiny_config().to_json())
+  current["data"]["prefetch"] = 7  # a throughput knob: free to change on resume
+  assert config_differences(saved, current) == []
 
 
 def test_unknown_config_keys_are_named():

@@ -31,7 +31,8 @@ HEADLINES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
                          ("region F1", ("region_means", "mean_f1")),
                          ("finding AUC", ("finding_means", "mean_auc"))),
     "localisation": (("mean IoU", ("mean_iou",)), ("mAP@0.5", ("map50",)), ("mAP@0.5:0.95", ("map50_95",))),
-    "segmentation": (("Dice, frozen", ("frozen", "mean_dice")), ("mIoU, frozen", ("frozen", "miou")),
+    "segmentation": (("Dice, no image (mask prior)", ("mean_mask_prior", "mean_dice")),
+                     ("Dice, frozen", ("frozen", "mean_dice")), ("mIoU, frozen", ("frozen", "miou")),
                      ("Dice, fine-tuned", ("finetune", "mean_dice")), ("mIoU, fine-tuned", ("finetune", "miou"))),
 }
 

@@ -66,6 +66,10 @@ def markdown(results: dict[str, Any], config: ml_collections.ConfigDict, out_dir
                         for g, r in result["per_region"].items()]))
     elif ev == "segmentation":
       rows = []
+      if "mean_mask_prior" in result:
+        r = result["mean_mask_prior"]
+        rows.append(["none (training masks' majority)"] + [r["dice"][s] for s in result["structures"]]
+                    + [r["mean_dice"], r["miou"]])
       for mode in config.evals.segmentation.modes:
         if mode in result:
           r = result[mode]

@@ -7,7 +7,9 @@ is upsampled ×2 per level, and at each level the output of an earlier block, br
 resolution by a strided transposed convolution, is concatenated; the last level joins a
 full-resolution convolutional stem on the pixels. Structures are separate sigmoid channels (they
 may overlap), trained with binary cross-entropy + soft Dice. Our choices: taps spread evenly
-over the depth, two 3×3 conv+ReLU per level, Adam, no augmentation.
+over the depth, two 3×3 conv+ReLU per level, Adam, no augmentation. Beside the scores stands the
+Dice of the training masks' per-pixel majority (`mean_mask_prior`), which sees no image: where
+anatomy varies little (SynthCXR's one CT) it is high, and an encoder's gain is what lies above it.
 """
 
 from __future__ import annotations
@@ -189,6 +191,9 @@ def evaluate(ctx: EvalContext, cfg: ml_collections.ConfigDict) -> dict[str, Any]
                          "num_train": int(len(k_train)),
                          "num_eval": int(len(k_eval)), "eval_split": ctx.eval_set.name}
   eval_images = ctx.eval_set.images[k_eval]
+  # The floor any encoder must clear: the training masks' per-pixel majority, ignoring the image.
+  prior = np.broadcast_to(train_masks.mean(axis=0) > 0.5, eval_masks.shape)
+  out["mean_mask_prior"] = mask_scores(prior, eval_masks, structures)
   for mode in cfg.modes:
     pred, losses = train_and_predict(vit, image_params, train.images[k_train], train_masks, eval_images,
                                      mode, cfg, taps)
