@@ -90,10 +90,13 @@ class Interpreter:
     anat = config.evals.zeroshot_anatomy
     self._prompt_emb = runner.embed_texts(
         scoring.image_prompts(self.findings, config.prompt_template, config.prompt_style), config.data.max_prompt_len)
-    pos, neg = scoring.region_texts(self.findings, anat.positive_template, anat.negative_template)
-    shape = (anatomy.NUM_REGIONS, len(self.findings), -1)
-    self._pos = runner.embed_texts(pos, config.data.max_phrase_len).reshape(shape)
-    self._neg = runner.embed_texts(neg, config.data.max_phrase_len).reshape(shape)
+    # A holistic checkpoint (no anatomy tokens) gives image-level findings only.
+    self.regions = anatomy.REGION_NAMES[:runner.model.image.num_regions]
+    if self.regions:
+      pos, neg = scoring.region_texts(self.findings, anat.positive_template, anat.negative_template)
+      shape = (anatomy.NUM_REGIONS, len(self.findings), -1)
+      self._pos = runner.embed_texts(pos, config.data.max_phrase_len).reshape(shape)
+      self._neg = runner.embed_texts(neg, config.data.max_phrase_len).reshape(shape)
 
   def interpret(self, image: Any, *, title: str | None = None) -> Interpretation:
     """`image`: a PNG/JPEG/DICOM path, a PIL image or an array (H, W[, C])."""
@@ -106,15 +109,16 @@ class Interpreter:
     sc = self.runner.scales
     image_probs = scoring.image_probabilities(out["image_emb"], self._prompt_emb, sc["global_scale"],
                                               sc["global_bias"])[0]
-    region_probs = scoring.region_probabilities(out["region_emb"], self._pos, self._neg, sc["region_scale"])[0]
+    region_probs = (scoring.region_probabilities(out["region_emb"], self._pos, self._neg, sc["region_scale"])[0]
+                    if self.regions else np.zeros((0, len(self.findings))))
     boxes = to_input_pixels(pictures.cxcywh_to_xyxy(out["boxes"][0], size), (h, w), size)
     fig = interpretation_figure(pixels, boxes, region_probs, image_probs, self.findings,
                                 title if title is not None else os.path.basename(source))
     return Interpretation(
         image=pixels,
-        boxes={r: tuple(float(v) for v in boxes[i]) for i, r in enumerate(anatomy.REGION_NAMES)},
+        boxes={r: tuple(float(v) for v in boxes[i]) for i, r in enumerate(self.regions)},
         region_findings={r: {f: float(region_probs[i, c]) for c, f in enumerate(self.findings)}
-                         for i, r in enumerate(anatomy.REGION_NAMES)},
+                         for i, r in enumerate(self.regions)},
         image_findings={f: float(image_probs[c]) for c, f in enumerate(self.findings)},
         figure=fig, source=source)
 

@@ -140,3 +140,13 @@ def test_checkpoint_of_another_config_and_unknown_finding(tiny_checkpoint):
     interpret.load(workdir, config, findings=["nodule", "pneumonitiss"])
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     interpret.load(os.path.dirname(workdir), config)
+
+
+def test_holistic_checkpoint_gives_image_level_findings_only(holistic_checkpoint):
+  workdir, config, _ = holistic_checkpoint
+  model = interpret.load(workdir, config)
+  result = model.interpret(rg1_dicom())
+  assert result.boxes == {} and result.region_findings == {}
+  assert set(result.image_findings) == set(config.labels)
+  assert all(0.0 <= p <= 1.0 for p in result.image_findings.values())
+  assert len(result.png()) > 1000
