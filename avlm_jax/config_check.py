@@ -46,14 +46,28 @@ def check_override_flags(argv: list[str], reference: ml_collections.ConfigDict, 
 
 
 def run_app(main, reference: ml_collections.ConfigDict) -> None:
-  """`absl.app.run(main)` for an entry point with `--config`: a misspelt `--config.<key>=`
-  override stops before absl parses it, with one line naming the key."""
+  """`absl.app.run` for an entry point with `--config`, doing what every such entry point needs
+  first: a misspelt `--config.<key>=` override stops before absl parses it, with one line naming
+  the key; stray positional arguments are refused; library INFO logs are quiet unless
+  `--verbosity` is given (the progress lines go to stdout); `jax_threefry_partitionable` is on.
+  `main()` takes no arguments."""
   import sys
 
-  from absl import app
+  from absl import app, flags, logging
 
   try:
     check_override_flags(sys.argv[1:], reference)
   except KeyError as e:
     sys.exit(f"error: {e.args[0]}")
-  app.run(main)
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", True)
+    main()
+
+  app.run(run)

@@ -11,7 +11,7 @@ The config must be the one the checkpoint was trained with (the check names diff
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from avlm_jax.config_check import check_config_keys, run_app
@@ -26,16 +26,9 @@ _ONLY = flags.DEFINE_list("only", None, "Evaluators to run (default: every enabl
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   import os
 
-  import jax
-
-  jax.config.update("jax_threefry_partitionable", True)
   from avlm_jax.evaluate.model_runner import CheckpointNotFoundError, resolve_checkpoint, workdir_of
   from avlm_jax.evaluate.radiograph_io import ImageReadError
   from avlm_jax.evaluate.runner import evaluate_checkpoint

@@ -9,7 +9,7 @@ Several processes (hosts): see launch/multihost_local.sh, launch/tpu_pod.sh, lau
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from avlm_jax.config_check import check_config_keys, run_app
@@ -20,14 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # the progress lines go to stdout; library INFO is noise
-  import jax
-
-  jax.config.update("jax_threefry_partitionable", True)
+def main():
   from avlm_jax import distributed
   from avlm_jax.train.checkpoint import IncompatibleCheckpointError
   from avlm_jax.train.loop import train_and_evaluate

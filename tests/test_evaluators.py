@@ -238,3 +238,27 @@ def test_segmentation_taps_and_bad_patch_size():
     segmentation.tap_layers(2, 3, (0, 5, 1))
   with pytest.raises(ValueError, match="power-of-two patch size, got 12"):
     segmentation.upsampling_levels(12)
+
+
+@pytest.mark.slow
+def test_evaluate_command_line(tiny_checkpoint, synthetic_dir, tmp_path):
+  """`python -m launch.evaluate` on a checkpoint: metrics.json and report.md; a bad key and a
+  missing checkpoint each end with one line naming them."""
+  import subprocess
+  import sys
+
+  workdir, _ = tiny_checkpoint
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  base = [sys.executable, "-m", "launch.evaluate", "--config=configs/tiny.py:data=shapes",
+          "--config.data.kind=array_record", f"--config.data.dir={synthetic_dir}"]
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run([*base, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  ok = run(f"--checkpoint={workdir}", "--only=localisation", f"--out={tmp_path}", "--config.evals.random_baseline=False")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  saved = json.load(open(tmp_path / "metrics.json"))
+  assert set(saved["subjects"]) == {"model"} and "map50" in saved["subjects"]["model"]["localisation"]
+  assert (tmp_path / "report.md").exists()
+  bad = run(f"--checkpoint={workdir}", "--config.evals.bogus=1")
+  assert bad.returncode != 0 and "config key 'evals.bogus' does not exist" in bad.stderr
+  missing = run(f"--checkpoint={tmp_path / 'nothere'}")
+  assert missing.returncode != 0 and "does not exist" in missing.stderr.strip().splitlines()[-1]
