@@ -64,6 +64,7 @@ class Trainer:
   compile_s: float
   prompts: jax.Array | None = None  # tokens, or frozen-tower features, replicated on the mesh
   text_cache: TextFeatureCache | None = None
+  batch_keys: tuple[str, ...] = ()  # what the compiled step takes, in train_data.batch_spec order
 
   def start(self, state) -> None:
     if self.config.model.text.frozen:
@@ -86,10 +87,9 @@ class Trainer:
 
   def prepare(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A process-local numpy batch -> the step's global batch (runs in the prefetch thread)."""
-    keys = train_data.batch_spec(self.config)
-    if self.text_cache is not None and "phrase_features" in keys:
+    if self.text_cache is not None and "phrase_features" in self.batch_keys:
       local["phrase_features"] = self.text_cache.features(local.pop("phrase_tokens"))
-    return train_data.to_global({k: local[k] for k in keys}, self.mesh)
+    return train_data.to_global({k: local[k] for k in self.batch_keys}, self.mesh)
 
   def next_batch(self) -> dict[str, jax.Array]:
     return next(self.data_iter)
@@ -135,7 +135,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   _say(f"compiled train step in {compile_s:.1f}s"
        + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
        + f"; stages: +global after step {starts[0]}, +fine after step {starts[1]}")
-  trainer = Trainer(config, mesh, model, None, prompts, plan, step_fn, compile_s)
+  trainer = Trainer(config, mesh, model, None, prompts, plan, step_fn, compile_s,
+                    batch_keys=tuple(train_data.batch_spec(config)))
   trainer.data_iter = BatchPrefetcher(source, trainer.prepare, config.data.prefetch)
   return trainer
 
