@@ -5,7 +5,7 @@
       -> this process's slice [process_index::process_count]
       -> decode + box-aware letterbox resize                (DecodeTriple, picklable)
       -> region-text sampling (optional, seeded per example) (SampleRegionTexts)
-      -> tokenise + text identities + anchor mask           (TokenizeTexts)
+      -> tokenise the 2·29 slot texts + text identities     (TokenizeTexts)
       -> batch(local_batch, drop_remainder=True)
       -> iterator whose state (`get_state`/`set_state`) is saved in every checkpoint.
 
@@ -131,15 +131,19 @@ class DecodeTriple(grain.transforms.Map):
         "box_present": present,
         "labels": labels,
         "phrases": list(t.phrases),
+        "findings": list(t.findings),
     }
 
 
 class TokenizeTexts(grain.transforms.Map):
-  """Region texts -> phrase_tokens (R, L) int32, phrase_ids (R, 2) int32 (text identity: a hash
-  of the token ids the tower sees, so texts equal after tokenisation and truncation are one text),
-  has_phrase (R,) bool (the slot's text is a candidate) and phrase_positive (R,) bool (the slot is
-  an anchor: its text describes its region). Reads `texts`/`anchor` from the text sampler, or the
-  record's `phrases` as they are (every phrase an anchor) when sampling is off."""
+  """Region texts -> the slot texts the loss reads, 2·R per example: R true statements (one per
+  region slot, the slot's positive) then R false statements (extra candidates).
+
+  phrase_tokens (2R, L) int32; phrase_ids (2R, 2) int32, the text identity (a hash of the token
+  ids the tower sees, so texts equal after tokenisation and truncation are one text); has_phrase
+  (2R,) bool, the slot has that text. Reads `texts` (2R) from the text sampler, or the record's
+  `phrases` as they are (R true texts, no false ones) when sampling is off.
+  """
 
   def __init__(self, tokenizer: TextTokenizer, max_len: int):
     self.tokenizer = tokenizer
@@ -147,15 +151,18 @@ class TokenizeTexts(grain.transforms.Map):
 
   def map(self, element: dict) -> dict:
     element = dict(element)
-    texts = element.pop("texts") if "texts" in element else element.pop("phrases")
+    element.pop("findings", None)
+    texts = list(element.pop("texts") if "texts" in element else element.pop("phrases"))
+    if len(texts) == anatomy.NUM_REGIONS:  # raw phrases: no false statements
+      texts += [""] * anatomy.NUM_REGIONS
+    if len(texts) != 2 * anatomy.NUM_REGIONS:
+      raise ValueError(f"expected {anatomy.NUM_REGIONS} or {2 * anatomy.NUM_REGIONS} region texts, got {len(texts)}")
     has_text = np.asarray([bool(t.strip()) for t in texts])
-    anchor = element.pop("anchor", has_text)
     tokens = self.tokenizer(texts, self.max_len)
     element.update({
         "phrase_tokens": tokens,
         "phrase_ids": np.where(has_text[:, None], token_hash(tokens), 0).astype(np.int32),
         "has_phrase": has_text,
-        "phrase_positive": np.asarray(anchor, bool) & has_text,
     })
     return element
 

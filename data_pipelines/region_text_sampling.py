@@ -1,29 +1,38 @@
 """The paper's region-text sampling (§3.3 of shared/docs/paper.md), as a seeded Grain random map.
 
-For each of the 29 region slots of one example:
-  * a region with a phrase: the phrase is split into sub-sentences and one is drawn as the
-    positive text. With probability `perturb_prob` it is perturbed: negated (the text then
-    contradicts the image, so the slot stops being an anchor: its text stays in the batch as a
-    negative for everyone) with probability `negate_fraction`, otherwise rephrased with a synonym
-    from the knowledge base (still a positive);
-  * a region without a phrase gets, per `empty_region_text`, no text ('none'), an attribute-based
-    negative (a true denial such as "no pleural effusion at the left costophrenic angle",
-    'attribute'), a hard negative (a finding typical of the region that is absent, 'hard'), or
-    either ('mixed', hard with probability `hard_fraction`). Such texts are candidates, never
-    anchors;
-  * the text is then written in the configured region-text style (the phrase alone, or the phrase
+Every one of the 29 region slots of an example gets a pair of texts: a *true* statement about
+the region (the slot's positive, so every slot with a text is an anchor of the region–phrase loss)
+and a *false* one (an extra candidate in the batch, NegCLIP-style). Our choice where the paper is
+silent: the paper makes negated and empty-region texts mismatches, which leaves most slots (every
+normal region) without any signal; here each mismatch is the false partner of a slot that keeps
+its positive, so a normal region anchors on a true statement about itself.
+
+  * a region with a phrase: the phrase is split into sub-sentences and one is drawn as the true
+    text; with probability `perturb_prob` it is rephrased with a synonym from the knowledge base
+    (still true). Its false text is its negation ("no left pleural effusion"), or, when the
+    knowledge base cannot negate it, a hard negative;
+  * a region without a phrase (`normal_regions=True`): its true text is an attribute statement (a
+    true denial such as "no pleural effusion at the left costophrenic angle", or a normal
+    statement such as "the left costophrenic angle is sharp"); its false text is a hard negative (a
+    finding typical of the region, asserted: "left pleural effusion"). `normal_regions=False`
+    leaves such slots without texts (the paper-literal variant, for ablations);
+  * attribute statements and hard negatives never name a finding present anywhere in the image
+    (a hard negative about another right-sided region could otherwise be true of the image);
+  * `false_texts=False` drops the false texts (every slot's row then holds the batch's true texts only);
+  * texts are then written in the configured region-text style (the phrase alone, or the phrase
     plus the knowledge base's definition of the findings it names).
 
-Duplicate texts in the global batch share labels downstream: the loss compares text hashes.
-Grain derives each example's generator from the pipeline seed and the example's index, so the
-draws are deterministic and resume exactly.
+Duplicate texts in the global batch share labels downstream: the loss compares text hashes, so
+"normal cardiac silhouette" on two images are positives of each other, and a false text that is
+another slot's true text is that slot's positive too. Grain derives each example's generator
+from the pipeline seed and the example's index, so the draws are deterministic and resume exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import grain
 import numpy as np
@@ -32,7 +41,6 @@ from avlm_jax import anatomy
 from avlm_jax.knowledge import base as kb_base
 from avlm_jax.knowledge import prompts
 
-EMPTY_REGION_MODES = ("none", "attribute", "hard", "mixed")
 _SUBSENTENCE = re.compile(r"\s*[;.]\s*")
 
 
@@ -44,56 +52,57 @@ def split_subsentences(phrase: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   perturb_prob: float = 0.2
-  negate_fraction: float = 0.5
-  empty_region_text: str = "mixed"
-  hard_fraction: float = 0.5
+  normal_regions: bool = True
+  false_texts: bool = True
   region_text_style: str = "phrase"
 
   def __post_init__(self):
-    for name in ("perturb_prob", "negate_fraction", "hard_fraction"):
-      v = getattr(self, name)
-      if not 0.0 <= v <= 1.0:
-        raise ValueError(f"text sampling: {name}={v} is outside [0, 1]")
+    if not 0.0 <= self.perturb_prob <= 1.0:
+      raise ValueError(f"text sampling: perturb_prob={self.perturb_prob} is outside [0, 1]")
     if self.region_text_style not in prompts.REGION_STYLES:
       raise ValueError(f"text sampling: region_text_style={self.region_text_style!r}; "
                        f"expected one of {prompts.REGION_STYLES}")
-    if self.empty_region_text not in EMPTY_REGION_MODES:
-      raise ValueError(f"text sampling: empty_region_text={self.empty_region_text!r}; "
-                       f"expected one of {EMPTY_REGION_MODES}")
+
+
+def present_findings(kb: kb_base.KnowledgeBase, phrases: Sequence[str], findings: Iterable[str] = ()) -> set[str]:
+  """Canonical names of every finding present in the image: the record's findings and every
+  finding a region phrase states as present."""
+  out = {kb.canonical(f) for f in findings if f in kb}
+  for phrase in phrases:
+    out.update(kb.positive_findings(phrase))
+  return out
 
 
 def sample_region_texts(phrases: Sequence[str], rng: np.random.Generator, kb: kb_base.KnowledgeBase,
-                        opts: SamplingOptions) -> tuple[list[str], np.ndarray]:
-  """29 phrases -> (29 texts, (29,) bool anchor mask). '' means the slot has no text."""
-  texts, anchors = [], np.zeros(len(phrases), bool)
-  for i, (phrase, region) in enumerate(zip(phrases, anatomy.REGION_NAMES)):
+                        opts: SamplingOptions, findings: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+  """29 phrases -> (29 true texts, 29 false texts); '' means the slot has no such text.
+
+  `findings`: the record's image-level findings (with the phrases, what the image shows).
+  """
+  present = present_findings(kb, phrases, findings)
+  true_texts, false_texts = [], []
+  for phrase, region in zip(phrases, anatomy.REGION_NAMES):
     subs = split_subsentences(phrase)
+    true, false = "", ""
     if subs:
-      text, positive = subs[int(rng.integers(len(subs)))], True
+      true = subs[int(rng.integers(len(subs)))]
       if rng.random() < opts.perturb_prob:
-        if rng.random() < opts.negate_fraction:
-          negated = kb.negate(text)
-          if negated is not None and negated != text:
-            text, positive = negated, False
-        else:
-          text = kb.rephrase(text, rng)
-    else:
-      mode = opts.empty_region_text
-      if mode == "mixed":
-        mode = "hard" if rng.random() < opts.hard_fraction else "attribute"
-      positive = False
-      text = {"none": lambda: "",
-              "attribute": lambda: prompts.attribute_negative(kb, region, rng),
-              "hard": lambda: prompts.hard_negative(kb, region, rng)}[mode]()
-    if text:
-      text = prompts.region_text(kb, text, region, opts.region_text_style)
-    texts.append(text)
-    anchors[i] = positive
-  return texts, anchors
+        true = kb.rephrase(true, rng)
+      negated = kb.negate(true)
+      false = negated if negated is not None and negated != true else prompts.hard_negative(
+          kb, region, rng, exclude=present)
+    elif opts.normal_regions:
+      true = prompts.attribute_negative(kb, region, rng, exclude=present)
+      false = prompts.hard_negative(kb, region, rng, exclude=present)
+    if not opts.false_texts:
+      false = ""
+    true_texts.append(prompts.region_text(kb, true, region, opts.region_text_style) if true else "")
+    false_texts.append(prompts.region_text(kb, false, region, opts.region_text_style) if false else "")
+  return true_texts, false_texts
 
 
 class SampleRegionTexts(grain.transforms.RandomMap):
-  """Element `phrases` (29 str) -> `texts` (29 str) and `anchor` (29,) bool."""
+  """Element `phrases` (29 str) and `findings` -> `texts` (29 true, then 29 false str)."""
 
   def __init__(self, opts: SamplingOptions, knowledge_path: str | None = None):
     self.opts = opts
@@ -102,5 +111,6 @@ class SampleRegionTexts(grain.transforms.RandomMap):
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     kb = kb_base.load_knowledge_base(self.knowledge_path)  # cached per process
     element = dict(element)
-    element["texts"], element["anchor"] = sample_region_texts(element.pop("phrases"), rng, kb, self.opts)
+    true, false = sample_region_texts(element.pop("phrases"), rng, kb, self.opts, element.pop("findings", ()))
+    element["texts"] = true + false
     return element

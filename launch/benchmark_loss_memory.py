@@ -4,7 +4,7 @@ r"""Compiled per-device memory of the region–phrase loss (value and gradients)
   python -m launch.benchmark_loss_memory --devices=8,64 --local_batch=2,8,32,64 --embed=512 --chunk=256
 
 Compiles (does not run) `value_and_grad` of `contrastive.region_phrase_loss` (GSPMD on the global
-(B·29)² logits) and of `ring.region_phrase_loss` on a mesh of D fake CPU devices, for each local
+(B·29) × (2·B·29) logits: a true and a false text per slot) and of `ring.region_phrase_loss` on a mesh of D fake CPU devices, for each local
 batch b (global batch D·b, N = 29·D·b region slots), and prints one Markdown row per case from
 `compiled.memory_analysis()`: the temporary buffers per device. The global version's temporaries
 grow with b · D·b (quadratically in the global batch at a fixed D); the ring's grow with b only
@@ -40,16 +40,17 @@ def main(argv):
   from avlm_jax.losses import contrastive, ring
 
   def compiled_temp_mib(fn, n, mesh, **kw):
-    def loss(r, t, ids, valid, anchor, scale):
-      return fn(r, t, ids, valid, scale, anchor, **kw)["loss"]
+    # Each region slot has a true and a false text: 2N candidates, as in training.
+    def loss(r, t, ids, valid, scale, tf, ids_f, valid_f):
+      return fn(r, t, ids, valid, scale, tf, ids_f, valid_f, **kw)["loss"]
 
     rows = sharding.batch_sharding(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-    args = (spec((n, _EMBED.value), jnp.float32), spec((n, _EMBED.value), jnp.float32),
-            spec((n, 2), jnp.int32), spec((n,), jnp.bool_), spec((n,), jnp.bool_),
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)))
+    texts = (spec((n, _EMBED.value), jnp.float32), spec((n, 2), jnp.int32), spec((n,), jnp.bool_))
+    args = (spec((n, _EMBED.value), jnp.float32), *texts,
+            jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)), *texts)
     with jax.set_mesh(mesh):
-      compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 5))).lower(*args).compile()
+      compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 4, 5))).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
   results = []

@@ -15,14 +15,17 @@ def phrase_hash(text: str) -> tuple[int, int]:
   return (0, 0) if not norm else (zlib.crc32(norm.encode()) % (2**31 - 1) | 1, len(norm))
 
 
-def numpy_region_phrase_loss(r, t, phrases, scale, anchors=None):
-  """Direct per-anchor computation with strings: no masks, no vectorisation."""
-  valid = [j for j, p in enumerate(phrases) if p]
+def numpy_region_phrase_loss(r, t, phrases, scale, tf=None, false_phrases=None):
+  """Direct per-anchor computation with strings: no masks, no vectorisation. Rows are the slots
+  with a true phrase; candidates are every true phrase, then every false one."""
+  cand = [(t[j], p) for j, p in enumerate(phrases) if p]
+  if tf is not None:
+    cand += [(tf[j], p) for j, p in enumerate(false_phrases) if p]
   losses = []
-  for i in valid if anchors is None else [i for i in valid if anchors[i]]:
-    logits = np.array([scale * float(r[i] @ t[j]) for j in valid], np.float64)
+  for i in [i for i, p in enumerate(phrases) if p]:
+    logits = np.array([scale * float(r[i] @ emb) for emb, _ in cand], np.float64)
     log_p = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
-    pos = [k for k, j in enumerate(valid) if phrases[j].lower() == phrases[i].lower()]
+    pos = [k for k, (_, p) in enumerate(cand) if p.lower() == phrases[i].lower()]
     losses.append(-np.mean(log_p[pos]))
   return float(np.mean(losses))
 
@@ -30,6 +33,11 @@ def numpy_region_phrase_loss(r, t, phrases, scale, anchors=None):
 def _unit(rng, n, e):
   x = rng.normal(size=(n, e)).astype(np.float32)
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _ids(phrases):
+  return (jnp.asarray(np.array([phrase_hash(p) for p in phrases], np.int32)),
+          jnp.asarray(np.array([bool(p) for p in phrases])))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -40,31 +48,57 @@ def test_region_phrase_loss_matches_numpy_with_duplicates_and_missing(seed):
              "nodule", ""]
   n, e = len(phrases), 8
   r, t = _unit(rng, n, e), _unit(rng, n, e)
-  ids = np.array([phrase_hash(p) for p in phrases], np.int32)
-  has = np.array([bool(p) for p in phrases])
-  out = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(ids), jnp.asarray(has),
-                                       jnp.float32(7.0))
+  ids, has = _ids(phrases)
+  out = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), ids, has, jnp.float32(7.0))
   assert float(out["loss"]) == pytest.approx(numpy_region_phrase_loss(r, t, phrases, 7.0), abs=1e-5)
   assert float(out["num_anchors"]) == 7
 
 
-def test_negative_texts_are_candidates_but_not_anchors():
-  """Sampled negatives (negated or hard-negative texts) enter every softmax but anchor nothing."""
+TRUE = ["left pleural effusion", "no pneumothorax at the left apical zone", "", "cardiomegaly",
+        "left pleural effusion", "the right costophrenic angle is sharp", "normal cardiac silhouette", ""]
+# Each slot's false statement; slot 6's is slot 3's true text (cardiomegaly on another image), and
+# slot 1's appears twice.
+FALSE = ["no left pleural effusion", "left apical pneumothorax", "", "normal cardiac silhouette",
+         "no left pleural effusion", "right pleural effusion", "cardiomegaly", "left apical pneumothorax"]
+
+
+def test_false_texts_are_candidates_matching_numpy():
   rng = np.random.default_rng(7)
-  phrases = ["left pleural effusion", "no left pleural effusion", "", "cardiomegaly", "left pleural effusion",
-             "no pneumothorax", "cardiomegaly", ""]
-  anchors = np.array([1, 0, 0, 1, 1, 0, 0, 0], bool)  # slot 6 repeats an anchor's text as a negative
-  n, e = len(phrases), 6
-  r, t = _unit(rng, n, e), _unit(rng, n, e)
-  ids = np.array([phrase_hash(p) for p in phrases], np.int32)
-  has = np.array([bool(p) for p in phrases])
-  out = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(ids), jnp.asarray(has),
-                                       jnp.float32(5.0), jnp.asarray(anchors))
-  assert float(out["num_anchors"]) == 3 and float(out["num_candidates"]) == 6
-  assert float(out["loss"]) == pytest.approx(numpy_region_phrase_loss(r, t, phrases, 5.0, anchors), abs=1e-5)
-  everyone = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(ids), jnp.asarray(has),
-                                            jnp.float32(5.0))
-  assert float(everyone["num_anchors"]) == 6 and float(everyone["loss"]) != pytest.approx(float(out["loss"]))
+  n, e = len(TRUE), 6
+  r, t, tf = _unit(rng, n, e), _unit(rng, n, e), _unit(rng, n, e)
+  ids, has = _ids(TRUE)
+  fids, fhas = _ids(FALSE)
+  out = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), ids, has, jnp.float32(5.0),
+                                       jnp.asarray(tf), fids, fhas)
+  assert float(out["num_anchors"]) == 6 and float(out["num_candidates"]) == 13
+  assert float(out["loss"]) == pytest.approx(numpy_region_phrase_loss(r, t, TRUE, 5.0, tf, FALSE), abs=1e-5)
+  without = contrastive.region_phrase_loss(jnp.asarray(r), jnp.asarray(t), ids, has, jnp.float32(5.0))
+  assert float(without["loss"]) == pytest.approx(numpy_region_phrase_loss(r, t, TRUE, 5.0), abs=1e-5)
+  assert float(without["loss"]) < float(out["loss"])  # more candidates, a harder softmax
+
+
+def test_every_slot_with_a_true_text_trains_its_region():
+  """The defect this objective fixes: a normal region (a true statement about itself) and a
+  region whose finding text was negated must both get a region-embedding gradient, pulled towards
+  their true text and away from their own false one."""
+  rng = np.random.default_rng(3)
+  n, e = len(TRUE), 6
+  r, t, tf = _unit(rng, n, e), _unit(rng, n, e), _unit(rng, n, e)
+  ids, has = _ids(TRUE)
+  fids, fhas = _ids(FALSE)
+  f = lambda r: contrastive.region_phrase_loss(r, jnp.asarray(t), ids, has, jnp.float32(5.0),
+                                               jnp.asarray(tf), fids, fhas)["loss"]
+  g = np.asarray(jax.grad(f)(jnp.asarray(r)))
+  row_norm = np.linalg.norm(g, axis=-1)
+  assert (row_norm[np.asarray(has)] > 1e-4).all()
+  np.testing.assert_array_equal(row_norm[~np.asarray(has)], 0.0)  # no true text: no row
+  # A small step against the gradient raises each slot's true-vs-own-false margin.
+  r2 = r - 0.05 * g
+  for i in np.flatnonzero(np.asarray(has) & np.asarray(fhas)):
+    if FALSE[i].lower() == TRUE[i].lower():
+      continue
+    before, after = r[i] @ (t[i] - tf[i]), r2[i] @ (t[i] - tf[i])
+    assert after > before, (i, TRUE[i], FALSE[i])
 
 
 def test_duplicates_are_positives_not_negatives():

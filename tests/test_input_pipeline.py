@@ -26,13 +26,13 @@ def test_batch_shapes_and_dtypes(synthetic_dir, tokenizer):
   assert b["image"].shape == (4, 32, 32, 1) and b["image"].dtype == np.uint8
   assert b["boxes"].shape == (4, r, 4) and b["boxes"].dtype == np.float32
   assert b["box_present"].shape == (4, r) and b["box_present"].dtype == bool
-  assert b["phrase_tokens"].shape == (4, r, 12) and b["phrase_tokens"].dtype == np.int32
-  assert b["phrase_ids"].shape == (4, r, 2)
+  assert b["phrase_tokens"].shape == (4, 2 * r, 12) and b["phrase_tokens"].dtype == np.int32
+  assert b["phrase_ids"].shape == (4, 2 * r, 2)
   assert b["labels"].shape == (4, len(synthetic_shapes.FINDINGS))
   assert np.all((b["boxes"] >= 0) & (b["boxes"] <= 1))
-  # Without text sampling every phrase is an anchor; a slot without one has the empty hash and
-  # only [CLS] [SEP].
-  np.testing.assert_array_equal(b["phrase_positive"], b["has_phrase"])
+  # Without text sampling the true texts are the record's phrases and there are no false ones; a
+  # slot without a text has the empty hash and only [CLS] [SEP].
+  assert b["has_phrase"][:, :r].any() and not b["has_phrase"][:, r:].any()
   empty = ~b["has_phrase"]
   assert np.all(b["phrase_ids"][empty] == 0)
   assert np.all(b["phrase_tokens"][empty][:, 2:] == 0)
@@ -139,10 +139,12 @@ def test_sixteen_bit_png_is_stretched_not_clipped():
 def test_text_identity_is_the_token_sequence(tokenizer):
   tok = input_pipeline.TokenizeTexts(tokenizer, max_len=6)
   texts = ["no pleural effusion", "No pleural effusion", "no pleural effusion at the right base", ""] + [""] * 25
-  out = tok.map({"texts": texts, "anchor": np.ones(29, bool)})
+  out = tok.map({"texts": texts + [""] * 29})
   ids = out["phrase_ids"]
   assert (ids[0] == ids[1]).all()  # the uncased tokenizer sees one text
   # Equal identities exactly when the (truncated) token rows are equal.
   same_tokens = (out["phrase_tokens"][0] == out["phrase_tokens"][2]).all()
   assert (ids[0] == ids[2]).all() == same_tokens
-  assert (ids[3] == 0).all() and not out["has_phrase"][3] and not out["phrase_positive"][3]
+  assert (ids[3] == 0).all() and not out["has_phrase"][3] and not out["has_phrase"][29:].any()
+  with pytest.raises(ValueError, match="expected 29 or 58 region texts, got 30"):
+    tok.map({"texts": texts + [""]})

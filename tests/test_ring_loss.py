@@ -14,68 +14,80 @@ def _unit(x):
 
 
 def _region_inputs(n_per_device=6, devices=8, emb=8, seed=0):
-  """Random embeddings with few distinct texts (so positives repeat across devices), slots
-  without a text, sampled negatives (candidates but not anchors), and one device with no text."""
+  """Random embeddings with few distinct texts (so positives repeat across devices, including a
+  false text equal to another slot's true text), slots without a text, and one device with no
+  true text. Returns (region, true texts, their ids, has true, false texts, their ids, has false)."""
   n = n_per_device * devices
-  k = jax.random.split(jax.random.key(seed), 5)
+  k = jax.random.split(jax.random.key(seed), 7)
   region = _unit(jax.random.normal(k[0], (n, emb)))
   phrase = _unit(jax.random.normal(k[1], (n, emb)))
   ids = jax.random.randint(k[2], (n, 2), 0, 4)
   has_phrase = jax.random.bernoulli(k[3], 0.75, (n,)).at[n_per_device:2 * n_per_device].set(False)
-  is_anchor = jax.random.bernoulli(k[4], 0.8, (n,))
+  false = _unit(jax.random.normal(k[4], (n, emb)))
+  false_ids = jax.random.randint(k[5], (n, 2), 3, 7)  # overlaps the true ids in value 3
+  has_false = jax.random.bernoulli(k[6], 0.6, (n,))
   # A text on device 0 that also appears on device 7: the two must be positives of each other.
   ids = ids.at[n - 1].set(ids[0])
   has_phrase = has_phrase.at[0].set(True).at[n - 1].set(True)
-  is_anchor = is_anchor.at[0].set(True)
-  return region, phrase, ids, has_phrase, is_anchor
+  # A false text on device 3 equal to device 0's true text: a positive of slot 0's row.
+  false_ids = false_ids.at[3 * n_per_device].set(ids[0])
+  has_false = has_false.at[3 * n_per_device].set(True)
+  return region, phrase, ids, has_phrase, false, false_ids, has_false
 
 
-def _check_inputs_are_hard(ids, has_phrase, is_anchor, n_per_device):
+def _check_inputs_are_hard(ids, has_phrase, false_ids, has_false, n_per_device):
   owner = np.arange(len(ids)) // n_per_device
   same = contrastive.same_phrase(ids, ids) & has_phrase[None, :] & has_phrase[:, None]
   cross = np.asarray(same) & (owner[:, None] != owner[None, :])
   assert cross.any(), "no text shared across devices"
-  assert (~np.asarray(has_phrase)).any() and (np.asarray(has_phrase) & ~np.asarray(is_anchor)).any()
+  assert (~np.asarray(has_phrase)).any()
+  true_in_false = contrastive.same_phrase(ids, false_ids) & has_phrase[:, None] & has_false[None, :]
+  assert np.asarray(true_in_false).any(), "no false text equals a true one"
 
 
-def _value_and_grads(fn, region, phrase, ids, has_phrase, scale, is_anchor, **kw):
-  def loss(r, t, s):
-    out = fn(r, t, ids, has_phrase, s, is_anchor, **kw)
+def _value_and_grads(fn, region, phrase, ids, has_phrase, scale, false=None, false_ids=None, has_false=None,
+                     **kw):
+  def loss(r, t, s, tf):
+    out = fn(r, t, ids, has_phrase, s, tf, false_ids, has_false, **kw)
     return out["loss"], out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(region, phrase, scale)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(region, phrase, scale, false)
 
 
-@pytest.mark.parametrize("sizes, chunk, anchors", [
+@pytest.mark.parametrize("sizes, chunk, with_false", [
     ({"data": 8}, 1024, True),   # one tile per block
-    ({"data": 2, "fsdp": 4}, 4, True),  # both batch axes in the ring; blocks of 6 in tiles of 3
-    ({"data": 4, "fsdp": 1, "tensor": 2}, 2, False),  # replicated over tensor; is_anchor=None
+    ({"data": 2, "fsdp": 4}, 4, True),  # both batch axes in the ring; blocks of 12 in tiles of 4
+    ({"data": 4, "fsdp": 1, "tensor": 2}, 5, False),  # replicated over tensor; no false texts
 ])
-def test_region_phrase_ring_equals_global(sizes, chunk, anchors):
+def test_region_phrase_ring_equals_global(sizes, chunk, with_false):
   devices = 8 // sizes.get("tensor", 1)
-  region, phrase, ids, has_phrase, is_anchor = _region_inputs(devices=devices)
-  _check_inputs_are_hard(ids, has_phrase, is_anchor, 6)
-  is_anchor = is_anchor if anchors else None
+  region, phrase, ids, has_phrase, false, false_ids, has_false = _region_inputs(devices=devices)
+  _check_inputs_are_hard(ids, has_phrase, false_ids, has_false, 6)
+  extra = (false, false_ids, has_false) if with_false else ()
   scale = jnp.float32(7.5)
   with jax.set_mesh(sharding.make_mesh(sizes)):
     (ref_loss, ref), ref_grads = _value_and_grads(contrastive.region_phrase_loss, region, phrase, ids,
-                                                  has_phrase, scale, is_anchor)
+                                                  has_phrase, scale, *extra)
     (loss, out), grads = _value_and_grads(ring.region_phrase_loss, region, phrase, ids, has_phrase,
-                                          scale, is_anchor, chunk=chunk)
+                                          scale, *extra, chunk=chunk)
   assert float(ref["num_anchors"]) > 0 and float(ref_loss) > 0
   for k in ref:
     assert float(out[k]) == pytest.approx(float(ref[k]), abs=1e-5), k
-  for name, g, g_ref in zip(("region", "phrase", "scale"), grads, ref_grads):
+  names = ("region", "phrase", "scale", "false") if with_false else ("region", "phrase", "scale")
+  for name, g, g_ref in zip(names, grads, ref_grads):
     assert np.abs(np.asarray(g_ref)).max() > 0, name
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_ring_sees_texts_on_other_devices():
   """Moving one device's texts away changes the loss: the ring really reaches every block."""
-  region, phrase, ids, has_phrase, is_anchor = _region_inputs()
-  loss = jax.jit(lambda valid: ring.region_phrase_loss(region, phrase, ids, valid, 7.5, is_anchor)["loss"])
+  region, phrase, ids, has_phrase, false, false_ids, has_false = _region_inputs()
+  loss = jax.jit(lambda valid, valid_f: ring.region_phrase_loss(
+      region, phrase, ids, valid, 7.5, false, false_ids, valid_f)["loss"])
   with jax.set_mesh(sharding.make_mesh({"data": 8})):
-    full, cut = loss(has_phrase), loss(has_phrase.at[42:].set(False))
-  assert abs(float(full) - float(cut)) > 1e-3
+    full = loss(has_phrase, has_false)
+    cut = loss(has_phrase.at[42:].set(False), has_false)
+    cut_false = loss(has_phrase, has_false.at[42:].set(False))
+  assert abs(float(full) - float(cut)) > 1e-3 and abs(float(full) - float(cut_false)) > 1e-3
 
 
 def test_image_label_sharded_equals_global():
@@ -100,9 +112,9 @@ def test_image_label_sharded_equals_global():
 
 
 def test_ring_needs_a_mesh():
-  region, phrase, ids, has_phrase, is_anchor = _region_inputs(devices=1)
+  region, phrase, ids, has_phrase, *_ = _region_inputs(devices=1)
   with pytest.raises(ValueError, match="need a mesh: call them under jax.set_mesh"):
-    ring.region_phrase_loss(region, phrase, ids, has_phrase, 7.5, is_anchor)
+    ring.region_phrase_loss(region, phrase, ids, has_phrase, 7.5)
 
 
 def test_unknown_loss_implementation():

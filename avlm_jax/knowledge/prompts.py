@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import string
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -129,11 +129,14 @@ def _fits(text: str, region: str) -> bool:
       {"lung", "pulmonary"} & set(text.split()))
 
 
-def attribute_negative_options(kb: KnowledgeBase, region: str) -> dict[str, tuple[str, ...]]:
+def attribute_negative_options(kb: KnowledgeBase, region: str,
+                               exclude: Collection[str] = ()) -> dict[str, tuple[str, ...]]:
   """Every statement `attribute_negative` may return for `region`, keyed by the finding it denies
-  (GENERIC for the region's normal statements or the fallback)."""
+  (GENERIC for the region's normal statements or the fallback). Findings named in `exclude`
+  (canonical names: those present in the image) are left out: a global denial such as 'heart
+  size is normal' would be false of an image with cardiomegaly elsewhere."""
   options: dict[str, tuple[str, ...]] = {}
-  for f in kb.findings_for_region(region):
+  for f in _typical(kb, region, exclude):
     if f.lateral:
       texts = [f"{neg} {_location(region)}" for neg in f.negations if _fits(neg, region)]
       modifier = _side_modifier(region)
@@ -149,10 +152,14 @@ def attribute_negative_options(kb: KnowledgeBase, region: str) -> dict[str, tupl
   return options
 
 
-def hard_negative_options(kb: KnowledgeBase, region: str) -> dict[str, tuple[str, ...]]:
-  """Every statement `hard_negative` may return for `region`, keyed by the finding it asserts."""
+def hard_negative_options(kb: KnowledgeBase, region: str,
+                          exclude: Collection[str] = ()) -> dict[str, tuple[str, ...]]:
+  """Every statement `hard_negative` may return for `region`, keyed by the finding it asserts.
+  Findings named in `exclude` (present somewhere in the image) are left out, so the statement is
+  false of the image, not just of the region's own phrase ('right pleural effusion' on the right
+  hemidiaphragm of an image with a right effusion at the costophrenic angle is true)."""
   options: dict[str, tuple[str, ...]] = {}
-  for f in kb.findings_for_region(region):
+  for f in _typical(kb, region, exclude):
     if f.lateral:
       texts = [f"{form} {_location(region)}" for form in f.text_forms if _fits(form, region)]
       modifier = _side_modifier(region)
@@ -168,6 +175,40 @@ def hard_negative_options(kb: KnowledgeBase, region: str) -> dict[str, tuple[str
   return options
 
 
+# CheXpert's label hierarchy (Irvin et al. 2019): a finding and those it is a kind of. Excluding a
+# present finding also excludes its broader and narrower relatives: with consolidation in the image,
+# "lung opacity in the right lung" may be true, and with a lung opacity, "consolidation" may be.
+BROADER = {
+    "cardiomegaly": ("enlarged cardiomediastinum",),
+    "lung lesion": ("lung opacity",),
+    "nodule": ("lung lesion", "lung opacity"),
+    "mass": ("lung lesion", "lung opacity"),
+    "pulmonary edema": ("lung opacity",),
+    "consolidation": ("lung opacity",),
+    "pneumonia": ("lung opacity",),
+    "atelectasis": ("lung opacity",),
+}
+
+
+def related_findings(names: Collection[str]) -> set[str]:
+  """`names` with every broader and narrower finding of each (canonical names)."""
+  out = set(names)
+  for narrow, broad in BROADER.items():
+    if narrow in names or any(b in names for b in broad):
+      out.add(narrow)
+    if narrow in names:
+      out.update(broad)
+  return out
+
+
+def _typical(kb: KnowledgeBase, region: str, exclude: Collection[str]):
+  """The findings typical of `region`, without those in `exclude` (canonical names) or related to them."""
+  if isinstance(exclude, str):
+    raise TypeError(f"exclude must be a collection of finding names, not the string {exclude!r}")
+  excluded = related_findings({kb.canonical(e) for e in exclude if e in kb})
+  return tuple(f for f in kb.findings_for_region(region) if f.name not in excluded)
+
+
 def _pick(options: Mapping[str, tuple[str, ...]], rng: np.random.Generator) -> str:
   if not isinstance(rng, np.random.Generator):
     raise TypeError(f"need a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
@@ -176,19 +217,21 @@ def _pick(options: Mapping[str, tuple[str, ...]], rng: np.random.Generator) -> s
   return texts[int(rng.integers(len(texts)))]
 
 
-def attribute_negative(kb: KnowledgeBase, region: str, rng: np.random.Generator) -> str:
+def attribute_negative(kb: KnowledgeBase, region: str, rng: np.random.Generator,
+                       exclude: Collection[str] = ()) -> str:
   """A true statement for `region` WITHOUT a finding: a negated finding typical of it ('no pleural
   effusion at the left costophrenic angle') or a normal statement ('the left costophrenic angle is
   sharp'); 'the <region> is unremarkable' when the base knows nothing of the region."""
-  return _pick(attribute_negative_options(kb, region), rng)
+  return _pick(attribute_negative_options(kb, region, exclude), rng)
 
 
-def hard_negative(kb: KnowledgeBase, region: str, rng: np.random.Generator) -> str:
+def hard_negative(kb: KnowledgeBase, region: str, rng: np.random.Generator,
+                  exclude: Collection[str] = ()) -> str:
   """A false statement for `region` WITHOUT a finding: a finding typical of it, asserted ('left
   pleural effusion'); 'the <region> is abnormal' when the base knows no finding there."""
-  return _pick(hard_negative_options(kb, region), rng)
+  return _pick(hard_negative_options(kb, region, exclude), rng)
 
 
-__all__ = ["LABEL_STYLES", "REGION_STYLES", "GENERIC", "label_prompts", "region_text",
+__all__ = ["LABEL_STYLES", "REGION_STYLES", "GENERIC", "BROADER", "label_prompts", "region_text", "related_findings",
            "attribute_negative", "hard_negative", "attribute_negative_options",
            "hard_negative_options"]

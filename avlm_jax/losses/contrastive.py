@@ -13,31 +13,55 @@ import optax
 # Finite "minus infinity": masked logits must not turn fully-masked rows into NaN (or NaN grads).
 _MASKED = -1e9
 
+# How the image-level loss reduces its (images × classes) terms: `config.loss.global_normalization`.
+GLOBAL_NORMALIZATIONS = ("mean", "siglip")
+
+
+def image_loss_divisor(normalization: str, num_images: int, num_classes: int) -> int:
+  """'mean': over images and classes; 'siglip': sum over classes, mean over images (SigLIP's
+  normalisation, so each image's gradient does not shrink as the label set grows)."""
+  if normalization not in GLOBAL_NORMALIZATIONS:
+    raise ValueError(f"config.loss.global_normalization={normalization!r}; expected one of {GLOBAL_NORMALIZATIONS}")
+  return num_images * num_classes if normalization == "mean" else num_images
+
 
 def same_phrase(ids_a: jax.Array, ids_b: jax.Array) -> jax.Array:
   """(N, 2) and (M, 2) int32 phrase hashes -> (N, M) bool, True where the phrase strings match."""
   return jnp.all(ids_a[:, None, :] == ids_b[None, :, :], axis=-1)
 
 
-def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids: jax.Array,
-                       has_phrase: jax.Array, scale: jax.Array,
-                       is_anchor: jax.Array | None = None) -> dict[str, jax.Array]:
-  """Multi-positive InfoNCE of each region against every region text in the batch.
+def candidates(phrase_emb: jax.Array, phrase_ids: jax.Array, has_phrase: jax.Array,
+               false_emb: jax.Array | None = None, false_ids: jax.Array | None = None,
+               has_false: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The candidate texts of every row: the true texts, then the false ones (if any)."""
+  if false_emb is None:
+    return phrase_emb, phrase_ids, has_phrase.astype(bool)
+  return (jnp.concatenate([phrase_emb, false_emb]), jnp.concatenate([phrase_ids, false_ids]),
+          jnp.concatenate([has_phrase.astype(bool), has_false.astype(bool)]))
 
-  region_emb, phrase_emb: (N, E) L2-normalised, N = B·R, row i of both is the same region slot.
-  phrase_ids: (N, 2) int32 hash of the normalised text; has_phrase: (N,) bool, the slot's text is
-  a candidate; is_anchor: (N,) bool, the slot's text describes its region (default: has_phrase).
-  Sampled negatives (negated or hard-negative texts) are candidates but not anchors.
-  Anchor i has positives P(i) = {j: has_phrase[j], text_j == text_i}, which contains i itself:
-  identical texts anywhere in the batch share labels. The target distribution is uniform over
-  P(i): loss_i = -mean_{j in P(i)} log softmax_j(scale · <r_i, t_j>), averaged over anchors.
+
+def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids: jax.Array,
+                       has_phrase: jax.Array, scale: jax.Array, false_emb: jax.Array | None = None,
+                       false_ids: jax.Array | None = None, has_false: jax.Array | None = None
+                       ) -> dict[str, jax.Array]:
+  """Multi-positive InfoNCE of each region slot against every slot text in the batch.
+
+  region_emb, phrase_emb: (N, E) L2-normalised, N = B·R; row i of both is the same region slot,
+  and phrase i is the slot's true statement (its positive); phrase_ids (N, 2) int32 text
+  identities; has_phrase (N,) bool: the slot has a true text, so it is an anchor. false_emb,
+  false_ids, has_false (N, ...): each slot's false statement (its negation or a hard negative),
+  joining the candidates NegCLIP-style; None: true texts only.
+  Anchor i has positives P(i) = {candidates j with text_j == text_i}, which contains i itself:
+  identical texts anywhere in the batch share labels, whether they came as true or false texts.
+  The target distribution is uniform over P(i): loss_i = -mean_{j in P(i)} log softmax_j(scale ·
+  <r_i, t_j>) over all candidates, averaged over anchors.
   """
-  valid = has_phrase.astype(bool)
-  anchor = valid if is_anchor is None else (is_anchor.astype(bool) & valid)
-  logits = scale * jnp.einsum("ne,me->nm", region_emb.astype(jnp.float32), phrase_emb.astype(jnp.float32))
+  anchor = has_phrase.astype(bool)
+  t, ids, valid = candidates(phrase_emb, phrase_ids, has_phrase, false_emb, false_ids, has_false)
+  logits = scale * jnp.einsum("ne,me->nm", region_emb.astype(jnp.float32), t.astype(jnp.float32))
   logits = jnp.where(valid[None, :], logits, _MASKED)
   log_p = jax.nn.log_softmax(logits, axis=-1)
-  positives = same_phrase(phrase_ids, phrase_ids) & valid[None, :] & anchor[:, None]
+  positives = same_phrase(phrase_ids, ids) & valid[None, :] & anchor[:, None]
   num_pos = jnp.maximum(positives.sum(axis=-1), 1)
   per_anchor = -jnp.sum(jnp.where(positives, log_p, 0.0), axis=-1) / num_pos
   num_anchors = anchor.sum()
@@ -52,15 +76,17 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
 
 
 def image_label_loss(image_emb: jax.Array, prompt_emb: jax.Array, labels: jax.Array,
-                     scale: jax.Array, bias: jax.Array) -> dict[str, jax.Array]:
-  """Multi-label sigmoid cross-entropy of CLS embeddings against label-prompt embeddings.
+                     scale: jax.Array, bias: jax.Array, normalization: str = "mean") -> dict[str, jax.Array]:
+  """Multi-label sigmoid cross-entropy of image embeddings against label-prompt embeddings.
 
   image_emb (B, E), prompt_emb (C, E) L2-normalised; labels (B, C) in {0, 1}.
-  logits = scale · <z_img, z_prompt> + bias; the loss is the mean over images and classes.
+  logits = scale · <z_img, z_prompt> + bias; the loss is the sum over images and classes divided
+  by B·C (`normalization='mean'`) or by B ('siglip', C× the mean).
   """
+  divisor = image_loss_divisor(normalization, *labels.shape)
   logits = scale * jnp.einsum("be,ce->bc", image_emb.astype(jnp.float32), prompt_emb.astype(jnp.float32)) + bias
   labels = labels.astype(jnp.float32)
-  loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+  loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels)) / divisor
   pos = labels.sum()
   return {
       "loss": loss,

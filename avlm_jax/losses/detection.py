@@ -57,3 +57,13 @@ def detection_loss(pred: jax.Array, target: jax.Array, present: jax.Array) -> di
       "giou": jnp.sum(giou * present) / denom,
       "num_boxes": n,
   }
+
+
+def presence_loss(logits: jax.Array, present: jax.Array) -> jax.Array:
+  """Mean binary cross-entropy of the anatomy tokens' presence logits (B, R) against `present`:
+  the confidence a detection metric ranks boxes by, so a box for an absent region can be a false
+  positive."""
+  x = logits.astype(jnp.float32)
+  z = present.astype(jnp.float32)
+  # log(1 + exp(-|x|)) form: stable for large |x|.
+  return jnp.mean(jnp.maximum(x, 0) - x * z + jnp.log1p(jnp.exp(-jnp.abs(x))))

@@ -62,9 +62,8 @@ def text_sampling_options(config: ml_collections.ConfigDict) -> SamplingOptions 
   ts = config.data.text_sampling
   if not ts.enabled:
     return None
-  return SamplingOptions(perturb_prob=ts.perturb_prob, negate_fraction=ts.negate_fraction,
-                         empty_region_text=ts.empty_region_text, hard_fraction=ts.hard_fraction,
-                         region_text_style=ts.region_text_style)
+  return SamplingOptions(perturb_prob=ts.perturb_prob, normal_regions=ts.normal_regions,
+                         false_texts=ts.false_texts, region_text_style=ts.region_text_style)
 
 
 def label_prompt_texts(config: ml_collections.ConfigDict) -> list[str]:
@@ -81,21 +80,21 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStr
   holistic ablation (no anatomy tokens) gets no phrases at all.
   """
   b, r, s = config.batch_size, anatomy.NUM_REGIONS, config.data.image_size
+  t = 2 * r  # slot texts: a true then a false statement per region (input_pipeline.TokenizeTexts)
   spec = {
       "image": ((b, s, s, 1), np.uint8),
       "boxes": ((b, r, 4), np.float32),
       "box_present": ((b, r), np.bool_),
-      "phrase_tokens": ((b, r, config.data.max_phrase_len), np.int32),
-      "phrase_ids": ((b, r, 2), np.int32),
-      "has_phrase": ((b, r), np.bool_),
-      "phrase_positive": ((b, r), np.bool_),
+      "phrase_tokens": ((b, t, config.data.max_phrase_len), np.int32),
+      "phrase_ids": ((b, t, 2), np.int32),
+      "has_phrase": ((b, t), np.bool_),
       "labels": ((b, len(config.labels)), np.float32),
   }
   if config.model.text.frozen:
     del spec["phrase_tokens"]
-    spec["phrase_features"] = ((b, r, config.model.text.width), np.float32)
+    spec["phrase_features"] = ((b, t, config.model.text.width), np.float32)
   if not config.model.image.anatomy_tokens:  # holistic: no region to align a phrase with
-    for k in ("phrase_tokens", "phrase_features", "phrase_ids", "has_phrase", "phrase_positive"):
+    for k in ("phrase_tokens", "phrase_features", "phrase_ids", "has_phrase"):
       spec.pop(k, None)
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
