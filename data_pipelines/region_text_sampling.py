@@ -41,11 +41,13 @@ from avlm_jax import anatomy
 from avlm_jax.knowledge import base as kb_base
 from avlm_jax.knowledge import prompts
 
-_SUBSENTENCE = re.compile(r"\s*[;.]\s*")
+# A stop, but not the point of a decimal number ('a 2.1 cm nodule' is one sub-sentence).
+_SUBSENTENCE = re.compile(r"\s*(?:;|\.(?!\d))\s*")
 
 
 def split_subsentences(phrase: str) -> list[str]:
-  """'A; B. C' -> ['A', 'B', 'C'] (sentence and clause stops only; commas stay inside)."""
+  """'A; B. C' -> ['A', 'B', 'C'] (sentence and clause stops only; commas and decimal points stay
+  inside)."""
   return [p for p in (s.strip() for s in _SUBSENTENCE.split(phrase)) if p]
 
 

@@ -6,6 +6,7 @@ import pkgutil
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import configs
@@ -53,6 +54,7 @@ def test_avlm_b16_parameter_count_by_hand(res):
            + (1 + r + patches) * d      # positions
            + 12 * _encoder_layer(d, 3072) + 2 * d
            + 2 * (d * d + d) + (d * 4 + 4)   # box head: two hidden layers + output
+           + (d + 1)                    # presence head
            + (2 * d * e + e) + (d * e + e))  # region and image projections
   text = (vocab * d + 512 * d + 2 * d + 2 * d   # word, position, token-type embeddings + LayerNorm
           + 12 * _encoder_layer(d, 3072))
@@ -75,9 +77,12 @@ def test_avlm_b16_pretrained_encoder_rule_covers_the_encoder_and_only_it():
       k, jnp.zeros((1, 224, 224, 1)), jnp.zeros((1, anatomy.NUM_REGIONS, 8), jnp.int32),
       jnp.zeros((2, 8), jnp.int32))["params"], jax.random.key(0)))
   groups = lr_groups(abstract, [tuple(r) for r in cfg.optimizer.lr_multipliers])
-  slow = {param_path(p) for p, m in jax.tree_util.tree_flatten_with_path(groups)[0] if m == 0.1}
-  assert {"image/cls_token", "image/pos_embedding", "image/patch_embedding/kernel",
+  slow = {param_path(p) for p, m in jax.tree_util.tree_flatten_with_path(groups)[0] if np.all(m == 0.1)}
+  assert {"image/cls_token", "image/patch_embedding/kernel",
           "image/encoder_ln/scale", "image/blocks/block/mlp/fc1/kernel"} <= slow
+  # The position table's pretrained rows (CLS, patches) learn slowly; its new anatomy rows do not.
+  rows = groups["image"]["pos_embedding"][0, :, 0]
+  np.testing.assert_allclose(rows, [0.1] + [1.0] * anatomy.NUM_REGIONS + [0.1] * (rows.size - 1 - anatomy.NUM_REGIONS))
   assert not any(p.startswith(("image/anatomy_tokens", "image/box_head", "image/region_projection", "text"))
                  for p in slow)
   assert avlm_b16.get_config().optimizer.lr_multipliers == ()  # from scratch: one learning rate

@@ -15,7 +15,7 @@ from avlm_jax.models.anatomy_vit import AnatomyViT
 
 SMALL = dict(patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64, embed_dim=16)
 REGIONS = 29
-CREATED_PREFIXES = ("anatomy_tokens", "box_head/", "region_projection/", "image_projection/")
+CREATED_PREFIXES = ("anatomy_tokens", "box_head/", "presence_head/", "region_projection/", "image_projection/")
 
 
 def _init(size: int, channels: int = 1, seed: int = 0, **overrides):

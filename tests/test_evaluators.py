@@ -12,9 +12,10 @@ import pytest
 
 from avlm_jax import anatomy
 from avlm_jax.evaluate import dataset, localisation, metrics, registry, runner, scoring, segmentation
-from avlm_jax.evaluate import zeroshot_anatomy, zeroshot_image
+from avlm_jax.evaluate import label_frequency, zeroshot_anatomy, zeroshot_image
 from avlm_jax.evaluate.context import EvalContext
 from avlm_jax.evaluate.model_runner import random_params
+from avlm_jax.knowledge import load_knowledge_base
 from avlm_jax.losses.contrastive import image_label_loss
 from avlm_jax.train.checkpoint import IncompatibleCheckpointError
 from tests.conftest import tiny_config
@@ -24,9 +25,13 @@ R, C = anatomy.NUM_REGIONS, len(FINDINGS)
 
 
 class HandBuiltRunner:
-  """Stands in for ModelRunner: text embeddings are one-hot per finding (negations the opposite)."""
+  """Stands in for ModelRunner: text embeddings are one-hot per finding (negations the opposite).
 
-  def __init__(self, config):
+  Held-out wordings: the first text of a finding's ensemble points at its finding, the others at
+  nothing (zero vector); with `heldout_mix` the second one points at the next finding, so the
+  ensemble's mean cosine ranks images by both findings."""
+
+  def __init__(self, config, heldout_mix=False):
     self.config, self.name = config, "hand-built"
     self.scales = {"global_scale": 10.0, "global_bias": 0.0, "region_scale": 10.0}
     prompts = scoring.image_prompts(FINDINGS, config.prompt_template, config.prompt_style)
@@ -36,8 +41,19 @@ class HandBuiltRunner:
     self.table = {t: eye[i] for i, t in enumerate(prompts)}
     self.table.update({t: eye[i % C] for i, t in enumerate(pos)})
     self.table.update({t: -eye[i % C] for i, t in enumerate(neg)})
+    kb = load_knowledge_base()
+    for c, f in enumerate(FINDINGS):
+      direction = lambda k: eye[c] if k == 0 else eye[(c + 1) % C] if (k == 1 and heldout_mix) else 0 * eye[c]
+      for k, p in enumerate(kb.heldout_label_prompts(f)):
+        self.table[p] = direction(k)
+      for region in anatomy.REGION_NAMES:
+        for k, (p, n) in enumerate(kb.heldout_region_texts(f, region)):
+          self.table[p], self.table[n] = direction(k), -direction(k)
+    self.kinds = {}  # text -> the projection kinds it was embedded with
 
-  def embed_texts(self, texts, max_len=None):
+  def embed_texts(self, texts, max_len=None, *, kind):
+    for t in texts:
+      self.kinds.setdefault(t, set()).add(kind)
     return np.stack([self.table[t] for t in texts])
 
 
@@ -49,7 +65,7 @@ def _set(name, labels, region_labels, boxes):
       [[[f for f, y in zip(FINDINGS, cell) if y] for cell in ex] for ex in region_labels], [{}] * n, 32)
 
 
-def _hand_built_context(rng, perfect):
+def _hand_built_context(rng, perfect, heldout_mix=False):
   config = tiny_config(**{"evals.zeroshot_image.findings": FINDINGS, "evals.zeroshot_anatomy.findings": FINDINGS})
   sets, enc = [], {}
   for which, n in (("threshold", 12), ("eval", 16)):
@@ -70,8 +86,9 @@ def _hand_built_context(rng, perfect):
     x1, y1, x2, y2 = np.moveaxis(boxes / 32, -1, 0)
     enc[which] = {"image_emb": image_emb / np.linalg.norm(image_emb, axis=-1, keepdims=True),
                   "region_emb": region_emb / np.linalg.norm(region_emb, axis=-1, keepdims=True),
-                  "boxes": np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1)}
-  return EvalContext(HandBuiltRunner(config), sets[0], sets[1], encodings=enc), config
+                  "boxes": np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1),
+                  "presence_logits": np.zeros((n, R))}
+  return EvalContext(HandBuiltRunner(config, heldout_mix), sets[0], sets[1], encodings=enc), config
 
 
 @pytest.mark.parametrize("perfect", [True, False])
@@ -93,6 +110,115 @@ def test_zero_shot_scores_on_hand_built_embeddings(perfect):
     assert anat["region_means"]["mean_auc"] == 1.0 and anat["region_means"]["mean_f1"] == 1.0
     assert anat["table"]["left lung"]["nodule"]["auc"] == 1.0
   assert set(anat["table"]) == set(anatomy.REGION_NAMES)
+  # Held-out wording (here: embedded like the train wording, so it ranks alike), same undefined rules.
+  heldout = img["heldout_wording"]
+  assert img["heldout_mean_auc"] == heldout["mean_auc"] == want and heldout["num_defined_auc"] == 2
+  assert math.isnan(heldout["per_finding"]["pleural effusion"]["auc"])
+  assert json.loads(json.dumps(metrics.to_json(img)))["heldout_wording"]["per_finding"]["pleural effusion"]["f1"] is None
+  assert heldout["prompts"]["nodule"] == list(load_knowledge_base().heldout_label_prompts("nodule"))
+  assert anat["heldout_wording"]["finding_means"]["mean_auc"] == want and "table" not in anat["heldout_wording"]
+
+
+def test_heldout_wording_averages_the_cosine_over_its_ensemble():
+  """With a second held-out prompt pointing at the next finding, finding c is ranked by the mean
+  cosine, i.e. by y_c + y_(c+1): the AUC of exactly that score, not of the first prompt alone."""
+  ctx, config = _hand_built_context(np.random.default_rng(0), True, heldout_mix=True)
+  img = zeroshot_image.evaluate(ctx, config.evals.zeroshot_image)
+  anat = zeroshot_anatomy.evaluate(ctx, config.evals.zeroshot_anatomy)
+  y = ctx.eval_set.labels(FINDINGS)
+  cos = ctx.encodings["eval"]["image_emb"][:, :C]
+  y_reg, k = ctx.eval_set.region_labels(FINDINGS)
+  reg = ctx.encodings["eval"]["region_emb"][k][..., :C]
+  for c, f in enumerate(FINDINGS[:2]):
+    assert img["per_finding"][f]["auc"] == 1.0  # the train wording is untouched
+    want = metrics.roc_auc(y[:, c], cos[:, c] + cos[:, (c + 1) % C])
+    assert img["heldout_wording"]["per_finding"][f]["auc"] == pytest.approx(want)
+    assert want < 1.0 or c == 1  # (finding 2, nodule's partner, has no positives on the scored split)
+    want = metrics.roc_auc(y_reg[..., c], reg[..., c] + reg[..., (c + 1) % C])
+    assert want < 1.0 and anat["heldout_wording"]["per_finding"][f]["auc"] == pytest.approx(want)
+    # The per-image scores kept for bootstrapping are the ones scored.
+    kept = ctx.kept
+    assert metrics.roc_auc(kept["zeroshot_image/labels"][:, c], kept["zeroshot_image/heldout_scores"][:, c]) == (
+        img["heldout_wording"]["per_finding"][f]["auc"])
+    assert metrics.roc_auc(kept["zeroshot_anatomy/labels"][..., c], kept["zeroshot_anatomy/heldout_scores"][..., c]) == (
+        anat["heldout_wording"]["per_finding"][f]["auc"])
+  assert list(ctx.kept["zeroshot_anatomy/index"]) == list(k)
+
+
+def test_heldout_wording_is_skipped_when_the_run_trained_on_it():
+  """A config whose own label-prompt template is a held-out template has no held-out wording."""
+  ctx, config = _hand_built_context(np.random.default_rng(0), True)
+  config.prompt_template = "x-ray with {name}"
+  ctx.runner.table.update({p: ctx.runner.table[q] for p, q in zip(
+      scoring.image_prompts(FINDINGS, config.prompt_template, "plain"),
+      scoring.image_prompts(FINDINGS, "chest radiograph showing {name}", "plain"))})
+  img = zeroshot_image.evaluate(ctx, config.evals.zeroshot_image)
+  assert "'x-ray with' occurs in the training label prompt 'x-ray with lung opacity'" in img["heldout_wording"]["skipped"]
+  assert math.isnan(img["heldout_mean_auc"]) and img["mean_auc"] == 1.0
+  assert json.loads(json.dumps(metrics.to_json(img)))["heldout_mean_auc"] is None
+
+
+def test_label_frequency_baseline_is_scored_like_the_model():
+  """Constant scores: image AUC exactly 0.5, F1 of calling every image positive; at anatomy level
+  the per-region frequencies rank typical cells first, pooled AUC above 0.5 (computed here)."""
+  rng = np.random.default_rng(0)
+  ctx, config = _hand_built_context(rng, True)
+  # Findings concentrated in a few regions, as in real data.
+  typical = np.zeros((R, C), bool)
+  typical[:6, 0], typical[3:9, 1], typical[20:, 2] = True, True, True
+  for s in (ctx.threshold_set, ctx.eval_set):
+    cells = rng.random((len(s), R, C)) < np.where(typical, 0.5, 0.03)
+    s.region_findings[:] = [[[f for f, y in zip(FINDINGS, cell) if y] for cell in ex] for ex in cells]
+  train = rng.random((200, R, C)) < np.where(typical, 0.5, 0.03)
+  counts = label_frequency.LabelCounts("train", 400, {"lung opacity": 100, "nodule": 40}, 200,
+                                       {f: train[:, :, c].sum(axis=0) for c, f in enumerate(FINDINGS)})
+  img = zeroshot_image.label_frequency_result(ctx, config.evals.zeroshot_image, config.labels, counts)
+  y = ctx.eval_set.labels(FINDINGS)
+  assert img["prevalence"] == {"lung opacity": 0.25, "nodule": 0.1, "pleural effusion": 0.0}
+  for c, f in enumerate(FINDINGS[:2]):
+    assert img["per_finding"][f]["auc"] == 0.5
+    assert img["per_finding"][f]["f1"] == pytest.approx(metrics.f1_score(y[:, c], np.ones(len(y), bool)))
+  assert math.isnan(img["per_finding"]["pleural effusion"]["auc"])  # undefined stays undefined
+  assert img["heldout_mean_auc"] == img["mean_auc"] == 0.5
+  anat = zeroshot_anatomy.label_frequency_result(ctx, config.evals.zeroshot_anatomy, config.labels, counts)
+  y_reg, _ = ctx.eval_set.region_labels(FINDINGS)
+  freq = counts.region_frequency(FINDINGS)
+  for c, f in enumerate(FINDINGS):
+    want = metrics.roc_auc(y_reg[..., c], np.broadcast_to(freq[:, c], y_reg.shape[:2]))
+    assert anat["per_finding"][f]["auc"] == pytest.approx(want) and want > 0.8
+  cells = [r["auc"] for row in anat["table"].values() for r in row.values() if not math.isnan(r["auc"])]
+  assert cells and set(cells) == {0.5}
+  assert anat["frequency"]["left lung"]["nodule"] == pytest.approx(freq[anatomy.region_id("left lung"), 1])
+  json.dumps(metrics.to_json({"img": img, "anat": anat}), allow_nan=False)
+
+
+def test_label_counts_of_a_triple_folder(synthetic_dir):
+  counts = label_frequency.count_labels(synthetic_dir)
+  train = dataset.load_split(synthetic_dir, "train", 48)
+  names = ["nodule", "pleural effusion", "kidney stone"]
+  assert counts.num_records == counts.num_region_records == 64
+  np.testing.assert_allclose(counts.prevalence(names), train.labels(names).mean(axis=0))
+  y, _ = train.region_labels(names)
+  np.testing.assert_allclose(counts.region_frequency(names), y.mean(axis=0))
+
+
+def test_evaluators_embed_prompts_and_region_statements_with_their_own_projection():
+  """Image-level zero-shot embeds label prompts as kind 'prompt', anatomy-level zero-shot embeds
+  region statements as kind 'phrase' (model.separate_text_projections gives them different ones)."""
+  ctx, config = _hand_built_context(np.random.default_rng(0), True)
+  zeroshot_image.evaluate(ctx, config.evals.zeroshot_image)
+  prompts = scoring.image_prompts(FINDINGS, config.prompt_template, config.prompt_style)
+  assert {t: ctx.runner.kinds[t] for t in prompts} == {t: {"prompt"} for t in prompts}
+  zeroshot_anatomy.evaluate(ctx, config.evals.zeroshot_anatomy)
+  pos, neg = scoring.region_texts(FINDINGS, config.evals.zeroshot_anatomy.positive_template,
+                                  config.evals.zeroshot_anatomy.negative_template)
+  kb = load_knowledge_base()
+  heldout_prompts = {p for f in FINDINGS for p in kb.heldout_label_prompts(f)}
+  heldout_statements = {t for f in FINDINGS for r in anatomy.REGION_NAMES for pair in kb.heldout_region_texts(f, r)
+                        for t in pair}
+  assert set(ctx.runner.kinds) == set(prompts) | set(pos) | set(neg) | heldout_prompts | heldout_statements
+  assert all(ctx.runner.kinds[t] == {"phrase"} for t in list(pos) + list(neg) + list(heldout_statements))
+  assert all(ctx.runner.kinds[t] == {"prompt"} for t in heldout_prompts)
 
 
 def test_localisation_on_exact_and_shifted_boxes():
@@ -136,14 +262,18 @@ def test_all_evaluators_on_the_real_model(synthetic_dir, tokenizer, tmp_path):
   img = res["zeroshot_image"]
   assert img["threshold_split"] == "validation[0::2]" and img["eval_split"] == "validation[1::2]"
   assert all(0 <= r["auc"] <= 1 for r in img["per_finding"].values() if not math.isnan(r["auc"]))
+  assert set(img["heldout_wording"]["per_finding"]) == set(img["per_finding"])
+  assert all(0 <= r["auc"] <= 1 for r in img["heldout_wording"]["per_finding"].values() if not math.isnan(r["auc"]))
   anat = res["zeroshot_anatomy"]
   assert anat["num_eval_with_labels"] == 8 and len(anat["table"]) == R
   loc = res["localisation"]
   assert 0 <= loc["mean_iou"] <= 1 and 0 <= loc["map50_95"] <= loc["map50"] <= 1
-  for name in ("roc_image_level", "region_finding_auc", "region_heat_overlay", "boxes"):
+  for name in ("roc_image_level", "roc_image_level_heldout", "region_finding_auc", "region_heat_overlay", "boxes"):
     assert os.path.getsize(tmp_path / f"{name}.png") > 1000
   json.dumps(metrics.to_json(res), allow_nan=False)
-  assert set(registry.headline_scalars(res)) >= {"eval/zeroshot_image/AUC", "eval/localisation/mAP@0.5"}
+  assert set(registry.headline_scalars(res)) >= {"eval/zeroshot_image/AUC", "eval/zeroshot_image/AUC, held-out wording",
+                                                 "eval/zeroshot_anatomy/finding AUC, held-out wording",
+                                                 "eval/localisation/mAP@0.5"}
 
 
 def test_evaluations_inside_training(tiny_checkpoint):
@@ -162,9 +292,19 @@ def test_standalone_evaluation_writes_metrics_and_report(tiny_checkpoint, holist
   config.evals.segmentation.enabled = False
   config.evals.holistic_checkpoint = holistic_checkpoint[0]
   res = runner.evaluate_checkpoint(workdir, config, str(tmp_path), log=lambda s: None)
-  assert set(res["subjects"]) == {"model", "random_init", "holistic"}
+  assert set(res["subjects"]) == {"model", "random_init", "holistic", "box_prior", "label_frequency"}
   saved = json.load(open(tmp_path / "metrics.json"))
+  # The image-blind box prior is scored on localisation only (tests/test_box_prior.py checks its values).
+  prior = saved["subjects"]["box_prior"]
+  assert set(prior) == {"localisation"} and prior["localisation"]["num_train"] == 64
+  assert 0 < prior["localisation"]["mean_iou"] < 1 and 0 <= prior["localisation"]["map50"] <= 1
+  # The label-frequency baseline: zero-shot only, constant image scores (AUC 0.5), a region prior.
+  freq = saved["subjects"]["label_frequency"]
+  assert set(freq) == {"zeroshot_image", "zeroshot_anatomy"} and freq["zeroshot_image"]["num_train"] == 64
+  assert freq["zeroshot_image"]["mean_auc"] == freq["zeroshot_image"]["heldout_mean_auc"] == 0.5
+  assert freq["zeroshot_anatomy"]["finding_means"]["mean_auc"] > 0.5  # typical regions, pooled over regions
   model, holistic = saved["subjects"]["model"], saved["subjects"]["holistic"]
+  assert 0 <= holistic["zeroshot_image"]["heldout_mean_auc"] <= 1
   assert model["localisation"]["map50"] == pytest.approx(res["subjects"]["model"]["localisation"]["map50"])
   # The holistic model (its own saved config, no anatomy tokens) is scored image-level only.
   assert holistic["localisation"] == {"skipped": "the model has no anatomy tokens (holistic ablation)",
@@ -174,8 +314,12 @@ def test_standalone_evaluation_writes_metrics_and_report(tiny_checkpoint, holist
   assert holistic["zeroshot_image"]["per_finding"] != model["zeroshot_image"]["per_finding"]
   assert saved["subjects"]["random_init"]["zeroshot_image"]["per_finding"] != model["zeroshot_image"]["per_finding"]
   report = open(tmp_path / "report.md").read()
-  assert "| metric | model | random_init | holistic |" in report
-  assert "| localisation: mean IoU | " in report and report.split("| localisation: mean IoU | ")[1].split("\n")[0].endswith("| – |")
+  assert "| metric | model | random_init | holistic | box_prior | label_frequency |" in report
+  row = report.split("| zeroshot_image: AUC, held-out wording | ")[1].split("\n")[0].strip(" |").split(" | ")
+  assert row[4] == "0.500" and row[3] == "–"  # label frequency scored, box prior not
+  assert "| finding | AUC | balanced acc. | F1 | threshold | pos | neg | held-out AUC | held-out F1 | train prevalence" in report
+  row = report.split("| localisation: mean IoU | ")[1].split("\n")[0].strip(" |").split(" | ")
+  assert row[2] == "–" and row[3] == f"{prior['localisation']['mean_iou']:.3f}"  # holistic skipped, prior scored
   assert "![zeroshot_image roc](pictures/roc_image_level.png)" in report
   assert os.path.getsize(tmp_path / "pictures" / "boxes.png") > 1000
 
@@ -256,7 +400,7 @@ def test_evaluate_command_line(tiny_checkpoint, synthetic_dir, tmp_path):
   ok = run(f"--checkpoint={workdir}", "--only=localisation", f"--out={tmp_path}", "--config.evals.random_baseline=False")
   assert ok.returncode == 0, ok.stderr[-2000:]
   saved = json.load(open(tmp_path / "metrics.json"))
-  assert set(saved["subjects"]) == {"model"} and "map50" in saved["subjects"]["model"]["localisation"]
+  assert set(saved["subjects"]) == {"model", "box_prior"} and "map50" in saved["subjects"]["model"]["localisation"]
   assert (tmp_path / "report.md").exists()
   bad = run(f"--checkpoint={workdir}", "--config.evals.bogus=1")
   assert bad.returncode != 0 and "config key 'evals.bogus' does not exist" in bad.stderr

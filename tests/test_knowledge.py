@@ -35,7 +35,7 @@ def _write(tmp_path, data, name="kb.json"):
 
 # --- the JSON itself -----------------------------------------------------------------------------
 def test_packaged_file_is_versioned_and_cached(kb, raw):
-  assert kb.version == raw["version"] == "1.0.0"
+  assert kb.version == raw["version"] == "1.1.0"
   assert raw["schema"] and "findings[].regions" in raw["schema"]
   assert K.load_knowledge_base() is kb
   assert kb.names == tuple(f["name"] for f in raw["findings"])

@@ -94,7 +94,7 @@ def test_anatomy_vlm_outputs_and_logit_scale_clamp():
   # Cached pooled features give exactly the embeddings the token path gives.
   s, lp = cfg.data.image_size, cfg.data.max_phrase_len
   tokens = jnp.ones((2, R, lp), jnp.int32)
-  pooled = model.apply({"params": params}, tokens, method=model.encode_text)["pooled"]
+  pooled = model.apply({"params": params}, tokens, kind="phrase", method=model.encode_text)["pooled"]
   via_features = model.apply({"params": params}, jnp.zeros((2, s, s, 1)), phrase_features=pooled,
                              prompt_tokens=jnp.ones((5, lp), jnp.int32))
   np.testing.assert_allclose(via_features["phrase_emb"], out["phrase_emb"], atol=1e-6)

@@ -26,6 +26,8 @@ def test_split_subsentences():
   assert split_subsentences("small left effusion; adjacent atelectasis. no pneumothorax") == [
       "small left effusion", "adjacent atelectasis", "no pneumothorax"]
   assert split_subsentences("") == []
+  assert split_subsentences("2.1 cm nodule in the right upper lung zone. no effusion") == [
+      "2.1 cm nodule in the right upper lung zone", "no effusion"]
 
 
 def test_one_subsentence_is_the_true_text_and_all_get_drawn():

@@ -90,25 +90,63 @@ def test_ring_sees_texts_on_other_devices():
   assert abs(float(full) - float(cut)) > 1e-3 and abs(float(full) - float(cut_false)) > 1e-3
 
 
-def test_image_label_sharded_equals_global():
+@pytest.mark.parametrize("normalization", ["mean", "siglip"])
+def test_image_label_sharded_equals_global(normalization):
   k = jax.random.split(jax.random.key(3), 3)
   image, prompts = _unit(jax.random.normal(k[0], (16, 8))), _unit(jax.random.normal(k[1], (5, 8)))
   labels = jax.random.bernoulli(k[2], 0.3, (16, 5)).astype(jnp.float32)
 
-  def run(fn):
+  def run(fn, normalization):
     def loss(a, b, s, c):
-      out = fn(a, b, labels, s, c)
+      out = fn(a, b, labels, s, c, normalization)
       return out["loss"], out
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
         image, prompts, jnp.float32(10.0), jnp.float32(-2.0))
 
   with jax.set_mesh(sharding.make_mesh({"data": 4, "fsdp": 2})):
-    (_, ref), ref_grads = run(contrastive.image_label_loss)
-    (_, out), grads = run(ring.image_label_loss)
+    (_, ref), ref_grads = run(contrastive.image_label_loss, normalization)
+    (_, out), grads = run(ring.image_label_loss, normalization)
+    (_, mean), mean_grads = run(ring.image_label_loss, "mean")
   for k_ in ref:
     assert float(out[k_]) == pytest.approx(float(ref[k_]), abs=1e-5), k_
   for g, g_ref in zip(grads, ref_grads):
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5, rtol=0)
+  # 'siglip' sums over the 5 classes and averages over images: 5 × the mean, gradients too.
+  factor = 5.0 if normalization == "siglip" else 1.0
+  assert float(out["loss"]) == pytest.approx(factor * float(mean["loss"]), rel=1e-6)
+  for g, g_mean in zip(grads, mean_grads):
+    np.testing.assert_allclose(np.asarray(g), factor * np.asarray(g_mean), rtol=1e-5, atol=1e-7)
+  assert float(out["pos_logit"]) == pytest.approx(float(mean["pos_logit"]))  # logit statistics unchanged
+
+
+def test_unknown_global_normalization_names_the_key():
+  image, prompts, labels = jnp.ones((8, 4)) / 2, jnp.ones((3, 4)) / 2, jnp.zeros((8, 3))
+  for fn in (contrastive.image_label_loss, ring.image_label_loss):
+    with pytest.raises(ValueError, match=r"config.loss.global_normalization='sum'; expected one of \('mean', 'siglip'\)"):
+      with jax.set_mesh(sharding.make_mesh({"data": 8})):
+        fn(image, prompts, labels, 10.0, -2.0, "sum")
+
+
+def test_global_normalization_reaches_the_train_loss():
+  """config.loss.global_normalization travels through make_loss_fn into the image-level term."""
+  from avlm_jax.models.anatomy_vlm import build_model
+  from avlm_jax.train.step import make_loss_fn
+  from tests.conftest import tiny_config
+
+  cfg = tiny_config("holistic")
+  model = build_model(cfg.model, vocab_size=60)
+  s, lp, c = cfg.data.image_size, cfg.data.max_prompt_len, len(cfg.labels)
+  images = jax.random.randint(jax.random.key(0), (4, s, s, 1), 0, 255).astype(jnp.uint8)
+  prompts = jax.random.randint(jax.random.key(1), (c, lp), 1, 60)
+  params = model.init(jax.random.key(2), images.astype(jnp.float32), None, prompts)["params"]
+  batch = {"image": images, "labels": jax.random.bernoulli(jax.random.key(3), 0.4, (4, c)).astype(jnp.float32)}
+  losses = {}
+  for normalization in ("mean", "siglip"):
+    loss_cfg = cfg.loss.copy_and_resolve_references()
+    loss_cfg.global_normalization = normalization
+    _, metrics = make_loss_fn(model, loss_cfg)(params, batch, prompts, jax.random.key(4), False)
+    losses[normalization] = float(metrics["loss_global"])
+  assert losses["siglip"] == pytest.approx(c * losses["mean"], rel=1e-5)
 
 
 def test_ring_needs_a_mesh():

@@ -150,12 +150,77 @@ def test_pneumothorax_lies_at_the_apex_or_lateral_pleura(anat, location):
       assert np.all(lateral <= 0.46)
 
 
+def _ctr(sample):
+  return R.cardiothoracic_ratio(sample.masks["heart"], sample.masks["left lung"] | sample.masks["right lung"])
+
+
 def test_cardiomegaly_raises_the_measured_cardiothoracic_ratio(anat):
   for seed in range(4):
     normal = _render(anat, [], seed)
     big = _render(anat, [F.FindingSpec("cardiomegaly", "midline", severity="moderate")], seed)
     assert normal.ctr < 0.5 < big.ctr, (normal.ctr, big.ctr)
-    assert R.cardiothoracic_ratio(big.regions) == big.ctr
+    assert _ctr(big) == big.ctr
+
+
+def test_cardiothoracic_ratio_is_the_widest_heart_over_the_widest_thorax():
+  heart, lungs = np.zeros((6, 12), bool), np.zeros((6, 12), bool)
+  heart[1, 3:6] = True  # right heart border on one row, left border on another: MRD + MLD
+  heart[4, 5:8] = True
+  lungs[2, 1:5], lungs[3, 7:11] = True, True  # one lung's lateral edge to the other's
+  assert R.cardiothoracic_ratio(heart, lungs) == 5 / 10
+  assert R.cardiothoracic_ratio(heart.any(0), lungs.any(0)) == 5 / 10  # column occupancy alike
+  assert np.isnan(R.cardiothoracic_ratio(np.zeros_like(heart), lungs))
+
+
+def test_every_study_measures_a_ctr_in_its_documented_range(anat):
+  """The label is the CTR measured on the stored masks, so it is checked with no tolerance: the
+  renderer solves for the heart on the output pixel grid, and at 48 px (lungs 34-46 px wide) each
+  range spans at least 2.3 px of heart width. Over 400 records (seed 0: ~330 normal, ~70 with
+  cardiomegaly) the old renderer, which set the heart scale on the base-frame CTR before the warp
+  and the pose, put about a quarter of the normals above 0.47 and a sixth of cardiomegaly below 0.55."""
+  opts = R.RenderOptions(image_size=48)
+  seen = {"normal": 0, "cardiomegaly": 0}
+  for i in range(400):
+    s, _ = corpus.make_sample(0, "train", i, opts)
+    enlarged = any(f.name == "cardiomegaly" for f in s.findings)
+    lo, hi = F.CARDIOMEGALY_CTR if enlarged else F.NORMAL_CTR
+    ctr = _ctr(s)
+    assert ctr == s.ctr and lo <= ctr <= hi, (i, enlarged, ctr, s.params["heart_scale"])
+    # ... and it is the drawn target to within one pixel of heart width (the targets are uniform).
+    lung_cols = np.nonzero((s.masks["left lung"] | s.masks["right lung"]).any(0))[0]
+    assert abs(ctr - s.params["target_ctr"]) <= 1 / (lung_cols[-1] - lung_cols[0] + 1), i
+    seen["cardiomegaly" if enlarged else "normal"] += 1
+  assert seen["normal"] >= 250 and seen["cardiomegaly"] >= 50, seen
+  # The record of the report (issue 12): normal, measured 0.502 at the default size before the fix.
+  s, _ = corpus.make_sample(0, "train", 471, R.RenderOptions())
+  assert not any(f.name == "cardiomegaly" for f in s.findings)
+  assert F.NORMAL_CTR[0] <= _ctr(s) <= F.NORMAL_CTR[1], _ctr(s)
+
+
+def test_heart_warp_is_invertible_over_its_scale_limits(anat):
+  """A folded warp would duplicate anatomy: the Jacobian of the inverse map stays positive."""
+  for geo in anat.geometry:
+    rr, cc = np.mgrid[0:anat.height, 0:anat.width].astype(np.float64)
+    polar = R._polar(geo, rr, cc)
+    for k in R.HEART_SCALE_LIMITS:
+      r, c = R._heart_warp(geo, k, *polar)
+      (r_r, r_c), (c_r, c_c) = np.gradient(r), np.gradient(c)
+      assert (r_r * c_c - r_c * c_r).min() > 0.05, k
+
+
+def test_heart_scale_widens_the_heart_not_the_thorax(anat):
+  def widths(k):
+    reg = _regions(anat, _params(anat, heart_scale=k))
+    cols = lambda m: np.nonzero(m.any(0))[0]
+    heart = cols(reg[..., anatomy.region_id("cardiac silhouette")])
+    lungs = cols(reg[..., anatomy.region_id("right lung")] | reg[..., anatomy.region_id("left lung")])
+    return heart[-1] - heart[0] + 1, (lungs[0], lungs[-1])
+  h1, thorax = widths(1.0)
+  for k in (0.7, 1.3):
+    h, thorax_k = widths(k)
+    assert thorax_k == thorax, k  # the widest thorax lies outside the warp: the denominator is fixed
+    # The heart is scaled exactly (the warp's core), up to the pixel quantisation of both widths.
+    assert abs(h - k * h1) <= 2.5, (k, h, h1)
 
 
 def test_each_finding_changes_the_image_only_inside_its_lung(anat):

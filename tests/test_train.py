@@ -80,6 +80,55 @@ def test_frozen_text_tower_and_three_stages(synthetic_dir, tmp_path):
   assert not np.array_equal(np.asarray(a["text_projection"]["kernel"]), np.asarray(b["text_projection"]["kernel"]))
 
 
+def test_heads_of_a_late_stage_start_with_steps_of_the_learning_rate(synthetic_dir, tmp_path):
+  """A head used only by a term that joins late (+global after 3 steps, +fine after 6) gets zero
+  gradient until then; its first nonzero update is that of a fresh Adam: lr × sign(g) elementwise.
+  (One step count shared with the rest would give ~0.5× here, and ~3× after 20k idle steps.)"""
+  from avlm_jax.train.loop import build_trainer
+  from avlm_jax.train.state import learning_rate_schedule, param_path
+
+  starts = {"global": 3, "fine": 6}
+  cfg = _config(synthetic_dir, total_steps=20, log_grad_signal=False,
+                **{"stages.global_start": 3.0, "stages.fine_start": 6.0})
+  heads = {"global": ("image/image_projection/kernel", "global_log_scale", "global_bias"),
+           "fine": ("image/region_projection/kernel", "region_log_scale")}
+  trainer = build_trainer(cfg, str(tmp_path), devices=jax.devices()[:1])
+  state = trainer.plan.initialize(jax.random.key(cfg.seed))
+  trainer.start(state)
+  snapshot = lambda s: {param_path(p): np.array(v) for p, v in jax.tree_util.tree_flatten_with_path(s.params)[0]}
+  seen = [snapshot(state)]
+  for _ in range(9):
+    state, _ = trainer.step_fn(state, trainer.next_batch(), trainer.prompts)
+    seen.append(snapshot(state))
+  trainer.data_iter.close()
+  lr = learning_rate_schedule(cfg.optimizer, cfg.total_steps)
+  for stage, names in heads.items():
+    for name in names:
+      deltas = [seen[i + 1][name] - seen[i][name] for i in range(len(seen) - 1)]
+      first = next(i for i, d in enumerate(deltas) if np.any(d != 0))
+      assert first == starts[stage], (name, first)  # untouched (not even decayed) before its stage
+      ratio = np.abs(deltas[first]) / float(lr(first))  # weight decay adds lr·1e-4·|w| ≪ lr
+      assert np.median(ratio) == pytest.approx(1.0, abs=1e-3), (name, np.median(ratio))
+      assert ratio.max() < 1.001, (name, ratio.max())
+
+
+def test_gradient_signal_and_l2_norms_are_logged(tiny_checkpoint):
+  """Every log record has big_vision's l2_grads / l2_params / l2_updates and, per loss term, its
+  gradient norm on the shared backbone and its share of the terms' summed norms."""
+  workdir, _ = tiny_checkpoint
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in train] == [1, 2]
+  for line in train:
+    assert line["l2_grads"] > 0 and line["l2_params"] > 0 and line["l2_updates"] >= 0
+    assert line["backbone_grad_norm"] > 0
+    terms = [k.removeprefix("term_") for k in line if k.startswith("term_")]
+    assert set(terms) >= {"detection", "fine", "global"}
+    assert all(line[f"backbone_grad_norm_{t}"] >= 0 for t in terms)
+    assert sum(line[f"backbone_grad_share_{t}"] for t in terms) == pytest.approx(1.0, rel=1e-5)
+  assert train[-1]["l2_updates"] > 0  # step 1's learning rate is 0 (warm-up)
+
+
 def test_mesh_that_does_not_fit_stops_at_start(synthetic_dir, tmp_path):
   with pytest.raises(ValueError, match=r"data=3, fsdp=1, tensor=1\) needs 3 devices, but 8 are present"):
     train_and_evaluate(_config(synthetic_dir, **{"mesh.data": 3}), str(tmp_path))

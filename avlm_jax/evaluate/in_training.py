@@ -1,7 +1,9 @@
 """Evaluators inside training: every `config.evals.every_steps` steps (and at the last step) the
 evaluators named in `config.evals.in_training` score the current params. Their headline numbers
 go into metrics.jsonl as `eval/<evaluator>/<metric>`, the full results into
-`<workdir>/eval/step_<N>.json`.
+`<workdir>/eval/step_<N>.json`. With the localisation evaluator, the box prior (each region's mean
+training box; it never looks at an image, so it is computed once) is written to
+`<workdir>/eval/box_prior.json` and logged beside it as `eval/box_prior/localisation/<metric>`.
 
 Evaluation runs on each process's first device from a gathered copy of the params: right for the
 model sizes trained on CPU and single hosts; a pod-scale run should evaluate standalone
@@ -19,7 +21,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from avlm_jax import paths
-from avlm_jax.evaluate import dataset, metrics, registry
+from avlm_jax.evaluate import dataset, localisation, metrics, registry
 from avlm_jax.evaluate.runner import evaluate_params
 from avlm_jax.tokenizer import TextTokenizer
 
@@ -34,6 +36,7 @@ class PeriodicEvals:
     self.tokenizer = TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
     self.out_dir = os.path.join(workdir, "eval")
     self._sets = None
+    self._box_prior: dict[str, Any] | None = None
 
   def due(self, step: int, last_step: int) -> bool:
     return bool(self.names) and (step % self.every == 0 or step == last_step)
@@ -49,7 +52,19 @@ class PeriodicEvals:
       os.makedirs(self.out_dir, exist_ok=True)
       with open(os.path.join(self.out_dir, f"step_{step}.json"), "w") as f:
         json.dump(metrics.to_json({"step": step, **results}), f, indent=1, allow_nan=False)
-    return registry.headline_scalars(results)
+    scalars = registry.headline_scalars(results)
+    if "localisation" in self.names:
+      scalars.update(registry.headline_scalars(self._prior(), prefix="eval/box_prior/"))
+    return scalars
+
+  def _prior(self) -> dict[str, Any]:
+    if self._box_prior is None:
+      train_dir = self.data_dir if dataset.has_split(self.data_dir, "train") else None
+      self._box_prior = {"localisation": localisation.box_prior_result(train_dir, self._sets[1])}
+      if jax.process_index() == 0:
+        with open(os.path.join(self.out_dir, "box_prior.json"), "w") as f:
+          json.dump(metrics.to_json(self._box_prior), f, indent=1, allow_nan=False)
+    return self._box_prior
 
 
 def periodic_evals(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> PeriodicEvals | None:

@@ -17,6 +17,8 @@ NAN = float("nan")
 THRESHOLD_CRITERIA = ("f1", "youden")
 # COCO's localisation thresholds: 0.50, 0.55, ..., 0.95.
 COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+# COCO's recall points for interpolated precision, computed as pycocotools does (0, 0.01, ..., 1).
+COCO_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 def _binary(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +96,11 @@ def choose_threshold(y_true: Any, scores: Any, criterion: str = "f1") -> float:
   """The decision threshold that maximises `criterion` on these (validation) scores.
 
   Candidates are midpoints between consecutive distinct scores, plus one below and one above all
-  of them; among equally good thresholds the middle one is taken. NaN when either class is
-  absent: such a split cannot choose a threshold.
+  of them; among equally good thresholds (within 1e-12) the middle one is taken. NaN when either
+  class is absent: such a split cannot choose a threshold.
+
+  O(n log n): each candidate's TP and FP counts (scores >= candidate) come from binary searches
+  in the sorted positive and negative scores, so every candidate is scored at once.
   """
   if criterion not in THRESHOLD_CRITERIA:
     raise ValueError(f"threshold criterion {criterion!r}; expected one of {list(THRESHOLD_CRITERIA)}")
@@ -104,9 +109,18 @@ def choose_threshold(y_true: Any, scores: Any, criterion: str = "f1") -> float:
     return NAN
   distinct = np.unique(s)
   candidates = np.r_[distinct[0] - 1.0, (distinct[1:] + distinct[:-1]) / 2.0, distinct[-1] + 1.0]
-  metric = f1_score if criterion == "f1" else balanced_accuracy
-  values = np.array([metric(y, s >= t) for t in candidates])
-  best = np.flatnonzero(values >= np.nanmax(values) - 1e-12)
+  pos, neg = np.sort(s[y]), np.sort(s[~y])
+  # Counting against the candidate values themselves (not the tie groups) keeps `s >= t` exact
+  # even where a midpoint of two adjacent floats rounds onto one of them.
+  tp = (len(pos) - np.searchsorted(pos, candidates, side="left")).astype(np.float64)
+  fp = (len(neg) - np.searchsorted(neg, candidates, side="left")).astype(np.float64)
+  fn, tn = len(pos) - tp, len(neg) - fp
+  # The same expressions as f1_score / balanced_accuracy, so ties between candidates break alike.
+  if criterion == "f1":
+    values = 2.0 * tp / (2.0 * tp + fp + fn)
+  else:
+    values = 0.5 * (tp / (tp + fn) + tn / (tn + fp))
+  best = np.flatnonzero(values >= np.max(values) - 1e-12)
   return float(candidates[best[len(best) // 2]])
 
 
@@ -146,53 +160,68 @@ def box_iou(a: Any, b: Any) -> np.ndarray:
   return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def average_precision(scores: Any, is_tp: Any, num_gt: int) -> float:
-  """All-point interpolated AP (the area under the precision envelope, as VOC 2010+).
+def coco_average_precision(scores: Any, is_tp: Any, num_gt: int) -> float:
+  """COCO's AP of one category at one IoU threshold, as pycocotools' COCOeval.accumulate computes it.
 
-  Detections are ranked by score; detections with equal scores form one step of the curve (no
-  arbitrary order among ties). NaN when there is no ground truth.
+  Detections are ranked by descending score with a stable sort, so tied detections keep the
+  order they are given in (pycocotools: image order). Precision is made non-increasing from the
+  right and read at the 101 recall points 0, 0.01, ..., 1; a recall point beyond the highest
+  recall reached counts 0. NaN when there is no ground truth (COCO leaves such a category out).
   """
   if num_gt <= 0:
     return NAN
   s = np.asarray(scores, np.float64).ravel()
-  tp_flags = np.asarray(is_tp).astype(bool).ravel()
+  hits = np.asarray(is_tp).astype(bool).ravel()
+  if s.shape != hits.shape:
+    raise ValueError(f"scores {s.shape} and true-positive flags {hits.shape} differ in length")
+  if int(hits.sum()) > num_gt:
+    raise ValueError(f"{int(hits.sum())} true positives for num_gt={num_gt} ground-truth boxes")
   if len(s) == 0:
     return 0.0
-  order = np.argsort(-s, kind="mergesort")
-  s, tp_flags = s[order], tp_flags[order]
-  last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
-  tp = np.cumsum(tp_flags)[last].astype(np.float64)
-  fp = np.cumsum(~tp_flags)[last].astype(np.float64)
-  recall = np.r_[0.0, tp / num_gt]
-  precision = np.r_[1.0, tp / (tp + fp)]
-  envelope = np.maximum.accumulate(precision[::-1])[::-1]
-  return float(np.sum((recall[1:] - recall[:-1]) * envelope[1:]))
+  hits = hits[np.argsort(-s, kind="mergesort")]
+  tp = np.cumsum(hits).astype(np.float64)
+  fp = np.cumsum(~hits).astype(np.float64)
+  recall = tp / num_gt
+  envelope = np.maximum.accumulate((tp / (tp + fp))[::-1])[::-1]
+  at = np.searchsorted(recall, COCO_RECALL_POINTS, side="left")
+  return float(np.where(at < len(s), envelope[np.minimum(at, len(s) - 1)], 0.0).mean())
 
 
-def fixed_query_detection(pred: Any, gt: Any, present: Any, scores: Any = None,
-                          iou_thresholds: Sequence[float] = COCO_IOU_THRESHOLDS) -> dict[str, Any]:
-  """Per-region AP when query m always predicts region m (one box per region per image).
+def fixed_query_detection(pred: Any, gt: Any, present: Any, scores: Any,
+                          iou_thresholds: Sequence[float] = COCO_IOU_THRESHOLDS) -> list[dict[str, Any]]:
+  """COCO-style detection scores when query m always predicts region m.
 
-  pred, gt: (N, R, 4) xyxy; present: (N, R) bool, the region has a true box; scores: (N, R)
-  confidences, or None (the model gives none: every box scores 1). Boxes of regions without a
-  true box are not counted (a missing box means "not annotated", not "absent from the body").
-  A box is a true positive at threshold t when its IoU with its region's true box is >= t.
-  With equal scores AP at t equals precision × recall = (fraction of boxes with IoU >= t)².
-  Returns per-region `iou` (mean), `ap` {t: AP} and `hit_rate` {t: fraction with IoU >= t}.
+  pred, gt: (N, R, 4) xyxy boxes; present: (N, R) bool, region r has a true box on image n;
+  scores: (N, R) finite confidences (any monotone transform of them gives the same APs).
+  Each region is a category and each image gives exactly one detection per region: its box with
+  its score. At IoU threshold t a detection is a true positive when its image has that region's
+  box and their IoU is >= t; otherwise it is a false positive, in particular every detection on
+  an image without that region's box (so a confident box for an absent region costs precision).
+  AP per region is `coco_average_precision` over the N detections in image order, which equals
+  pycocotools' bbox AP with area range 'all' and maxDets >= 1.
+
+  Returns per region: `ap` {t: AP} (NaN without any true box), `iou` (mean over true boxes),
+  `hit_rate` {t: fraction of true boxes with IoU >= t} (score-free), `num_boxes`.
   """
   pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
   present = np.asarray(present, bool)
-  scores = np.ones(present.shape) if scores is None else np.asarray(scores, np.float64)
+  scores = np.asarray(scores, np.float64)
+  if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 4:
+    raise ValueError(f"pred {pred.shape} and gt {gt.shape} must both be (N, R, 4) xyxy boxes")
+  if present.shape != pred.shape[:2] or scores.shape != pred.shape[:2]:
+    raise ValueError(f"present {present.shape} and scores {scores.shape} must be (N, R) = {pred.shape[:2]}")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("detection scores hold NaN or infinite values")
   iou = box_iou(pred, gt)
   out = []
   for r in range(present.shape[1]):
     m = present[:, r]
-    ious = iou[m, r]
+    n = int(m.sum())
     out.append({
-        "iou": float(ious.mean()) if m.any() else NAN,
-        "ap": {t: average_precision(scores[m, r], ious >= t, int(m.sum())) for t in iou_thresholds},
-        "hit_rate": {t: float((ious >= t).mean()) if m.any() else NAN for t in iou_thresholds},
-        "num_boxes": int(m.sum()),
+        "iou": float(iou[m, r].mean()) if n else NAN,
+        "ap": {t: coco_average_precision(scores[:, r], m & (iou[:, r] >= t), n) for t in iou_thresholds},
+        "hit_rate": {t: float((iou[m, r] >= t).mean()) if n else NAN for t in iou_thresholds},
+        "num_boxes": n,
     })
   return out
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from avlm_jax import anatomy, paths, sharding
-from avlm_jax.models.anatomy_vlm import build_model
+from avlm_jax.models.anatomy_vlm import TEXT_KINDS, build_model
 from avlm_jax.tokenizer import TextTokenizer
 from avlm_jax.train.step import normalize_images
 
@@ -173,15 +173,18 @@ class ModelRunner:
     model = self.model
     self._encode_image = jax.jit(lambda p, x: model.apply({"params": p}, normalize_images(x),
                                                           method=model.encode_image))
-    self._encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text)["embedding"])
+    self._encode_text = jax.jit(
+        lambda p, t, kind: model.apply({"params": p}, t, kind=kind, method=model.encode_text)["embedding"],
+        static_argnames="kind")
     self._scales = jax.jit(lambda p: model.apply({"params": p}, method=model.logit_scales))
-    self._text_memo: dict[tuple[str, int], np.ndarray] = {}
+    self._text_memo: dict[tuple[str, int, str], np.ndarray] = {}
 
   @functools.cached_property
   def scales(self) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(self._scales(self.params)).items()}
 
-  def encode_images(self, images: np.ndarray, keep: Sequence[str] = ("boxes", "region_emb", "image_emb")
+  def encode_images(self, images: np.ndarray,
+                    keep: Sequence[str] = ("boxes", "presence_logits", "region_emb", "image_emb")
                     ) -> dict[str, np.ndarray]:
     """uint8 images (N, S, S) or (N, S, S, 1) -> numpy outputs of `keep` (boxes normalised cxcywh)."""
     images = np.asarray(images)
@@ -201,16 +204,19 @@ class ModelRunner:
         out[k].append(np.asarray(res[k])[:len(chunk)])
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
-  def embed_texts(self, texts: Sequence[str], max_len: int | None = None) -> np.ndarray:
-    """(len(texts), E) L2-normalised joint-space embeddings."""
+  def embed_texts(self, texts: Sequence[str], max_len: int | None = None, *, kind: str) -> np.ndarray:
+    """(len(texts), E) L2-normalised joint-space embeddings. `kind`: 'prompt' for image-level label
+    prompts, 'phrase' for region statements (they differ with model.separate_text_projections)."""
+    if kind not in TEXT_KINDS:
+      raise ValueError(f"text kind {kind!r}; expected one of {TEXT_KINDS}")
     max_len = max_len or self.config.data.max_prompt_len
-    missing = [t for t in dict.fromkeys(texts) if (t, max_len) not in self._text_memo]
+    missing = [t for t in dict.fromkeys(texts) if (t, max_len, kind) not in self._text_memo]
     b = self.batch_size
     for i in range(0, len(missing), b):
       chunk = missing[i:i + b]
       tokens = np.zeros((b, max_len), np.int32)
       tokens[:len(chunk)] = self.tokenizer(chunk, max_len)
-      emb = np.asarray(self._encode_text(self.params, tokens))
+      emb = np.asarray(self._encode_text(self.params, tokens, kind))
       for j, t in enumerate(chunk):
-        self._text_memo[(t, max_len)] = emb[j]
-    return np.stack([self._text_memo[(t, max_len)] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+        self._text_memo[(t, max_len, kind)] = emb[j]
+    return np.stack([self._text_memo[(t, max_len, kind)] for t in texts]) if texts else np.zeros((0, 0), np.float32)

@@ -24,13 +24,19 @@ NEEDS_ANATOMY_TOKENS = ("zeroshot_anatomy", "localisation")
 
 # The numbers a summary shows for each evaluator: (label, path into its result).
 HEADLINES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    # Unqualified labels are the train wording; "held-out wording": prompts no training text uses.
     "zeroshot_image": (("AUC", ("mean_auc",)), ("balanced accuracy", ("mean_balanced_accuracy",)),
-                       ("F1", ("mean_f1",))),
+                       ("F1", ("mean_f1",)), ("AUC, held-out wording", ("heldout_mean_auc",)),
+                       ("F1, held-out wording", ("heldout_mean_f1",))),
     "zeroshot_anatomy": (("region AUC", ("region_means", "mean_auc")),
                          ("region balanced accuracy", ("region_means", "mean_balanced_accuracy")),
                          ("region F1", ("region_means", "mean_f1")),
-                         ("finding AUC", ("finding_means", "mean_auc"))),
-    "localisation": (("mean IoU", ("mean_iou",)), ("mAP@0.5", ("map50",)), ("mAP@0.5:0.95", ("map50_95",))),
+                         ("finding AUC", ("finding_means", "mean_auc")),
+                         ("region AUC, held-out wording", ("heldout_wording", "region_means", "mean_auc")),
+                         ("finding AUC, held-out wording", ("heldout_wording", "finding_means", "mean_auc"))),
+    "localisation": (("mean IoU", ("mean_iou",)), ("hit rate@0.5", ("mean_hit_rate50",)),
+                     ("hit rate@0.75", ("mean_hit_rate75",)), ("mAP@0.5", ("map50",)),
+                     ("mAP@0.5:0.95", ("map50_95",))),
     "segmentation": (("Dice, no image (mask prior)", ("mean_mask_prior", "mean_dice")),
                      ("Dice, frozen", ("frozen", "mean_dice")), ("mIoU, frozen", ("frozen", "miou")),
                      ("Dice, fine-tuned", ("finetune", "mean_dice")), ("mIoU, fine-tuned", ("finetune", "miou"))),

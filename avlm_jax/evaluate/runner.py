@@ -6,7 +6,11 @@ pretrained text tower it names is still loaded) and `holistic` (the ablation wit
 tokens, trained with the image-level loss only: `configs/tiny.py:holistic`, or any config through
 `configs.common.holistic`). The holistic checkpoint is rebuilt from the config saved with it; its
 image size and labels must equal the evaluated config's. It has no boxes or region embeddings, so
-the anatomy evaluators report it as skipped.
+the anatomy evaluators report it as skipped. `box_prior` (with the localisation evaluator) never
+looks at an image: each region's mean box over the data folder's train split, scored on
+localisation only (`localisation.box_prior_result`). `label_frequency` (with the zero-shot
+evaluators) never looks at an image either: the train split's finding prevalence, and each
+finding's frequency per region, scored by the zero-shot evaluators' own code (label_frequency.py).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
+import numpy as np
 
-from avlm_jax.evaluate import dataset, metrics, registry, report
+from avlm_jax.evaluate import dataset, label_frequency, localisation, metrics, registry, report
 from avlm_jax.evaluate.context import EvalContext
 from avlm_jax.evaluate.model_runner import (ModelRunner, baseline_config, eval_data_dir, random_params,
                                             resolve_checkpoint, resolve_tokenizer, restore_params, workdir_of)
@@ -28,14 +33,20 @@ from avlm_jax.tokenizer import TextTokenizer
 def evaluate_params(config: ml_collections.ConfigDict, params: Any, tokenizer: TextTokenizer, data_dir: str,
                     names: Sequence[str], *, name: str = "model", picture_dir: str | None = None,
                     sets: tuple[dataset.EvalSet, dataset.EvalSet] | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-  """Run the evaluators `names` on `params`; `sets` reuses already loaded (threshold, eval) sets."""
+                    log: Callable[[str], None] = lambda s: None,
+                    arrays_dir: str | None = None) -> dict[str, Any]:
+  """Run the evaluators `names` on `params`; `sets` reuses already loaded (threshold, eval) sets.
+  `arrays_dir`: also save the per-example arrays the evaluators scored to `<arrays_dir>/<name>.npz`."""
   if sets is None:
     sets = dataset.threshold_and_eval_sets(data_dir, config.data.image_size, config.evals.max_examples)
   runner = ModelRunner(config, params, tokenizer, config.evals.batch_size, name)
   train_dir = data_dir if dataset.has_split(data_dir, "train") else None
   ctx = EvalContext(runner, sets[0], sets[1], train_dir=train_dir, picture_dir=picture_dir)
-  return registry.run_evals(ctx, names, log)
+  results = registry.run_evals(ctx, names, log)
+  if arrays_dir and ctx.kept:
+    os.makedirs(arrays_dir, exist_ok=True)
+    np.savez_compressed(os.path.join(arrays_dir, f"{name}.npz"), ids=np.asarray(sets[1].ids), **ctx.kept)
+  return results
 
 
 def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_dir: str, *,
@@ -65,7 +76,15 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_
   for subject, (subject_config, params_fn) in subjects.items():
     pics = os.path.join(out_dir, "pictures") if subject == "model" else None
     results["subjects"][subject] = evaluate_params(subject_config, params_fn(), tokenizer, data_dir, names,
-                                                   name=subject, picture_dir=pics, sets=sets, log=log)
+                                                   name=subject, picture_dir=pics, sets=sets, log=log,
+                                                   arrays_dir=os.path.join(out_dir, "arrays"))
+  if "localisation" in names:
+    train_dir = data_dir if dataset.has_split(data_dir, "train") else None
+    results["subjects"]["box_prior"] = {"localisation": localisation.box_prior_result(train_dir, sets[1])}
+    log(f"  box_prior / localisation: {results['subjects']['box_prior']['localisation']['seconds']:.1f}s")
+  if any(n in label_frequency.EVALUATORS for n in names):  # the zero-shot floor: training label frequencies
+    train_dir = data_dir if dataset.has_split(data_dir, "train") else None
+    results["subjects"][label_frequency.SUBJECT] = label_frequency.evaluate(config, sets, train_dir, names, log)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(metrics.to_json(results), f, indent=1, allow_nan=False)

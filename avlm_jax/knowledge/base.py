@@ -8,6 +8,11 @@ text the model trains on.
 
 Text helpers (`find_mentions`, `negate`, `rephrase`) are deterministic rules over word-boundary,
 longest-first matches of every name, synonym and subtype (and their plurals).
+
+Held-out wordings (`eval_synonyms` per finding, top-level `eval_templates`) exist for evaluation
+only: zero-shot scoring with wording that no training text uses. They are kept apart from the
+forms above (never matched, never written by `rephrase` or the prompt builders), and a held-out
+wording that contains a form is refused at load time, since it would not be held out.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import itertools
 import json
 import os
 import re
+import string
 import types
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -30,9 +37,10 @@ DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finding
 
 _REQUIRED_FIELDS = ("name", "definition", "signs", "regions", "synonyms", "negations", "lateral",
                     "chexpert")
-_OPTIONAL_FIELDS = ("subtypes", "textual_name")
+_OPTIONAL_FIELDS = ("subtypes", "textual_name", "eval_synonyms")
 _TOP_REQUIRED = ("version", "schema", "findings")
-_TOP_OPTIONAL = ("normal_statements", "ignore_terms")
+_TOP_OPTIONAL = ("normal_statements", "ignore_terms", "eval_templates")
+_EVAL_TEMPLATE_KEYS = ("image", "region")
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
 
 
@@ -49,6 +57,7 @@ class Finding:
   chexpert: bool
   subtypes: tuple[str, ...] = ()
   textual_name: bool = True
+  eval_synonyms: tuple[str, ...] = ()  # held-out wordings: evaluation only, never in training text
 
   @property
   def text_forms(self) -> tuple[str, ...]:
@@ -179,6 +188,9 @@ class KnowledgeBase:
         by_region[r].append(f)
     self._by_region = {r: tuple(fs) for r, fs in by_region.items()}
     self._check_negations()
+    self._check_eval_synonyms()
+    self.eval_image_templates, self.eval_region_templates = self._parse_eval_templates(
+        data.get("eval_templates", {}))
 
   # --- validation ---------------------------------------------------------------------------
   def _check_keys(self, obj: Mapping, required: Iterable[str], optional: Iterable[str], where: str):
@@ -246,7 +258,9 @@ class KnowledgeBase:
         lateral=raw["lateral"], chexpert=raw["chexpert"],
         subtypes=self._str_list(raw.get("subtypes", []), f"{where} 'subtypes'", lower=True,
                                 allow_empty=True),
-        textual_name=raw.get("textual_name", True))
+        textual_name=raw.get("textual_name", True),
+        eval_synonyms=self._str_list(raw.get("eval_synonyms", []), f"{where} 'eval_synonyms'", lower=True,
+                                     allow_empty=True))
 
   def _build_lookup(self, ignore_terms: Any):
     """Every (singular and plural) form -> (finding or None, singular form); duplicates are errors."""
@@ -321,6 +335,66 @@ class KnowledgeBase:
         if f.lateral and not (mentions and mentions[-1].end == len(neg.rstrip(" ."))):
           raise ValueError(f"{self.source}: finding {f.name!r} is lateral, so negation {neg!r} must end "
                            f"with one of its forms (a location is appended to it)")
+
+  def _check_eval_synonyms(self) -> None:
+    """A held-out wording must be new text: no form of any finding inside it (else the model
+    could match the form it trained on), and owned by one finding."""
+    owner: dict[str, str] = {}
+    for f in self.findings:
+      for s in f.eval_synonyms:
+        hits = [(m.form, m.finding or "ignore_terms") for m in self.mentions(s)]
+        if not hits and s in self._lookup:  # mentions() skips label-only names ('pleural other')
+          hits = [(self._lookup[s][1], self._lookup[s][0])]
+        if hits:
+          raise ValueError(f"{self.source}: finding {f.name!r} eval_synonyms entry {s!r} contains "
+                           f"{hits[0][0]!r} (a training wording of {hits[0][1]!r}); a held-out "
+                           f"wording must contain no name, synonym, subtype or ignore term")
+        if s in owner:
+          raise ValueError(f"{self.source}: eval synonym {s!r} is listed by finding {owner[s]!r} and "
+                           f"by finding {f.name!r}; it must belong to one finding")
+        owner[s] = f.name
+
+  def _template(self, template: Any, fields: set[str], where: str) -> str:
+    if not isinstance(template, str) or not template.strip():
+      raise ValueError(f"{self.source}: {where} must be a non-empty string, got {template!r}")
+    try:
+      found = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+      raise ValueError(f"{self.source}: {where} {template!r} is not a format string ({e})") from None
+    if sorted(found) != sorted(fields):
+      raise ValueError(f"{self.source}: {where} {template!r} must hold each of "
+                       f"{['{' + x + '}' for x in sorted(fields)]} once and no other field; it has {found}")
+    literal = template.format(**{x: " " for x in fields})
+    hits = self.mentions(literal)
+    if hits:
+      raise ValueError(f"{self.source}: {where} {template!r} contains {hits[0].form!r}, a training "
+                       f"wording; a held-out template must name no finding")
+    return template
+
+  def _parse_eval_templates(self, raw: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    if not isinstance(raw, Mapping):
+      raise ValueError(f"{self.source}: 'eval_templates' must be an object with keys "
+                       f"{list(_EVAL_TEMPLATE_KEYS)}, got {raw!r}")
+    self._check_keys(raw, (), _EVAL_TEMPLATE_KEYS, "'eval_templates'")
+    image = tuple(self._template(t, {"name"}, f"eval_templates['image'][{i}]")
+                  for i, t in enumerate(self._str_list(raw.get("image", []), "eval_templates['image']",
+                                                       allow_empty=True)))
+    region = []
+    pairs = raw.get("region", [])
+    if not isinstance(pairs, list):
+      raise ValueError(f"{self.source}: eval_templates['region'] must be a list of "
+                       f"{{positive, negative}} objects, got {pairs!r}")
+    for i, pair in enumerate(pairs):
+      where = f"eval_templates['region'][{i}]"
+      if not isinstance(pair, Mapping):
+        raise ValueError(f"{self.source}: {where} must be an object {{positive, negative}}, got {pair!r}")
+      self._check_keys(pair, ("positive", "negative"), (), where)
+      pos = self._template(pair["positive"], {"finding", "region"}, f"{where} 'positive'")
+      neg = self._template(pair["negative"], {"finding", "region"}, f"{where} 'negative'")
+      if pos == neg:
+        raise ValueError(f"{self.source}: {where} has the same positive and negative template {pos!r}")
+      region.append((pos, neg))
+    return image, tuple(region)
 
   # --- lookup -------------------------------------------------------------------------------
   def __contains__(self, name_or_synonym: object) -> bool:
@@ -461,6 +535,24 @@ class KnowledgeBase:
     words = [w for w in words if w.lower().strip(",") not in _HEDGES]
     return " ".join(words + [rest.strip()])
 
+  def _rephrase_slots(self, text: str) -> list[tuple[int, int, list[str]]]:
+    """(start, end, replacements) for each mention `rephrase` replaces, the replacements written
+    as they would stand in `text` (plural and capital kept). Held-out wordings are not forms, so
+    they are never among them."""
+    slots = []
+    for m in self.mentions(text):
+      if m.finding is None or m.kind == "subtype":
+        continue
+      options = [t for t in self._by_name[m.finding].text_forms if t != m.form]
+      if not options:
+        continue
+      if m.plural:
+        options = [_pluralize(o) for o in options]
+      if text[m.start:m.start + 1].isupper():
+        options = [o[0].upper() + o[1:] for o in options]
+      slots.append((m.start, m.end, options))
+    return slots
+
   def rephrase(self, text: str, rng: np.random.Generator) -> str:
     """`text` with each name/synonym mention replaced by another wording of the same finding.
 
@@ -472,20 +564,49 @@ class KnowledgeBase:
       raise TypeError(f"rephrase needs a numpy Generator (np.random.default_rng(seed)), "
                       f"got {type(rng).__name__}")
     out, last = [], 0
-    for m in self.mentions(text):
-      if m.finding is None or m.kind == "subtype":
-        continue
-      options = [t for t in self._by_name[m.finding].text_forms if t != m.form]
-      if not options:
-        continue
-      new = options[int(rng.integers(len(options)))]
-      if m.plural:
-        new = _pluralize(new)
-      if text[m.start:m.start + 1].isupper():
-        new = new[0].upper() + new[1:]
-      out += [text[last:m.start], new]
-      last = m.end
+    for start, end, options in self._rephrase_slots(text):
+      out += [text[last:start], options[int(rng.integers(len(options)))]]
+      last = end
     return "".join(out) + text[last:]
+
+  def rephrasings(self, text: str) -> list[str]:
+    """Every text `rephrase(text, rng)` can return, whatever the generator (so a test can bound
+    the training texts exactly); `[text]` when nothing is rephrased."""
+    slots = self._rephrase_slots(text)
+    out = []
+    for choice in itertools.product(*(options for _, _, options in slots)):
+      pieces, last = [], 0
+      for (start, end, _), new in zip(slots, choice):
+        pieces += [text[last:start], new]
+        last = end
+      out.append("".join(pieces) + text[last:])
+    return out
+
+  # --- held-out evaluation wordings -------------------------------------------------------------
+  def _eval_synonyms(self, name: str) -> tuple[str, ...]:
+    f = self.get(name)
+    if not f.eval_synonyms:
+      raise ValueError(f"finding {f.name!r} has no eval_synonyms in knowledge base {self.source} "
+                       f"(v{self.version}): its held-out wording cannot be scored")
+    return f.eval_synonyms
+
+  def heldout_label_prompts(self, name: str) -> tuple[str, ...]:
+    """The held-out image-level prompts of a finding: every eval image template filled with
+    every eval synonym (an ensemble, as CLIP's prompt ensembles)."""
+    if not self.eval_image_templates:
+      raise ValueError(f"knowledge base {self.source} (v{self.version}) has no eval_templates['image']")
+    synonyms = self._eval_synonyms(name)
+    return tuple(t.format(name=s) for t in self.eval_image_templates for s in synonyms)
+
+  def heldout_region_texts(self, name: str, region: str) -> tuple[tuple[str, str], ...]:
+    """(positive, negative) held-out statements of a finding in a region: every eval region
+    template pair filled with every eval synonym."""
+    anatomy.region_id(region)
+    if not self.eval_region_templates:
+      raise ValueError(f"knowledge base {self.source} (v{self.version}) has no eval_templates['region']")
+    synonyms = self._eval_synonyms(name)
+    return tuple((pos.format(finding=s, region=region), neg.format(finding=s, region=region))
+                 for pos, neg in self.eval_region_templates for s in synonyms)
 
   def vocabulary_texts(self) -> list[str]:
     """Every text of the base plus the words that negate() and the prompt builders add, so a

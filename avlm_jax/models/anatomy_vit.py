@@ -2,8 +2,11 @@
 
 Outputs per image:
   * `boxes`      (B, R, 4): sigmoid `(cx, cy, w, h)` in [0, 1] from a DETR-style MLP on each anatomy token;
+  * `presence_logits` (B, R): whether each region is visible (its box exists), from a linear head on
+    the anatomy token: the box's confidence in detection AP, trained with BCE on `box_present`;
   * `region_emb` (B, R, E): L2-normalised projection of `[anatomy token ; mean of patch tokens]`;
-  * `image_emb`  (B, E):    L2-normalised projection of the CLS token;
+  * `image_emb`  (B, E):    L2-normalised projection of the pooled tokens (`pool`: CLS, attention
+    pooling over all tokens, or over CLS + anatomy tokens; see models/pooling.py);
   * `patch_tokens` (B, h, w, D): final-layer patch features (for dense heads / segmentation);
   * `region_tokens` (B, R, D) and `cls_token` (B, D): the raw encoder outputs.
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from avlm_jax import anatomy
-from avlm_jax.models import layers
+from avlm_jax.models import layers, pooling
 
 Dtype = Any
 
@@ -62,6 +65,7 @@ class AnatomyViT(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   gelu_approximate: bool = False  # True for big_vision / vit_jax checkpoints (trained with tanh GELU)
+  pool: str = "cls"  # image-level pooling: cls | map | region (models/pooling.py)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -111,15 +115,20 @@ class AnatomyViT(nn.Module):
 
     if r:
       boxes = BoxHead(d, dtype=self.dtype, name="box_head")(region_tokens)
+      presence_logits = layers.dense(1, ("embed", None), self.dtype, "presence_head")(region_tokens)[..., 0]
       context = jnp.broadcast_to(patch_tokens.mean(axis=1, keepdims=True), region_tokens.shape)
       region_in = jnp.concatenate([region_tokens, context], axis=-1)
       region_emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "region_projection")(region_in)
     else:
       boxes = jnp.zeros((b, 0, 4), jnp.float32)
+      presence_logits = jnp.zeros((b, 0), jnp.float32)
       region_emb = jnp.zeros((b, 0, self.embed_dim), jnp.float32)
-    image_emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "image_projection")(cls_out)
+    pooled = pooling.ImagePool(self.pool, r, self.num_heads, self.mlp_dim, self.dtype, self.gelu_approximate,
+                               name="image_pool")(x)
+    image_emb = layers.dense(self.embed_dim, ("embed", "joint"), self.dtype, "image_projection")(pooled)
     return {
         "boxes": boxes,
+        "presence_logits": presence_logits.astype(jnp.float32),
         "region_emb": l2_normalize(region_emb),
         "image_emb": l2_normalize(image_emb),
         "region_tokens": region_tokens,

@@ -2,6 +2,10 @@
 
 `__call__` runs both towers on one training batch; `encode_image` / `encode_text` run one tower
 (used by evaluation, zero-shot interpretation and the frozen-text embedding cache).
+
+Texts reach the joint space through one `text_projection`, or, with `separate_text_projections`,
+through `prompt_projection` (image-level label prompts) and `phrase_projection` (region phrases):
+every text path names its `kind` ('prompt' or 'phrase') so it picks the right one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from avlm_jax.models import layers
 from avlm_jax.models.anatomy_vit import AnatomyViT, l2_normalize
 from avlm_jax.models.text_tower import TextTower
 
+TEXT_KINDS = ("prompt", "phrase")
+
 
 def _dtype(name: str) -> Any:
   try:
@@ -34,13 +40,19 @@ class AnatomyVLM(nn.Module):
   logit_scale_init: float = 1.0 / 0.07
   logit_scale_max: float = 100.0  # CLIP's clamp: keeps the temperature from collapsing.
   global_bias_init: float = -2.0  # Prior of a rare positive label in the multi-label sigmoid loss.
+  separate_text_projections: bool = False  # prompt_projection + phrase_projection instead of one
 
   def setup(self):
     scalar = lambda v: layers.partitioned(nn.initializers.constant(v), ())
     self.region_log_scale = self.param("region_log_scale", scalar(math.log(self.logit_scale_init)), ())
     self.global_log_scale = self.param("global_log_scale", scalar(math.log(self.logit_scale_init)), ())
     self.global_bias = self.param("global_bias", scalar(self.global_bias_init), ())
-    self.text_projection = layers.dense(self.embed_dim, ("embed", "joint"), self.text.dtype, "text_projection")
+    proj = lambda name: layers.dense(self.embed_dim, ("embed", "joint"), self.text.dtype, name)
+    if self.separate_text_projections:
+      self.projections = {"prompt": proj("prompt_projection"), "phrase": proj("phrase_projection")}
+    else:
+      shared = proj("text_projection")
+      self.projections = {"prompt": shared, "phrase": shared}
 
   def logit_scales(self) -> dict[str, jax.Array]:
     cap = math.log(self.logit_scale_max)
@@ -53,21 +65,24 @@ class AnatomyVLM(nn.Module):
   def encode_image(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
     return self.image(images, train=train)
 
-  def embed_text_features(self, pooled: jax.Array) -> jax.Array:
-    """Pooled text-tower features (..., D) -> L2-normalised joint embeddings (..., E)."""
-    return l2_normalize(self.text_projection(pooled))
+  def embed_text_features(self, pooled: jax.Array, *, kind: str) -> jax.Array:
+    """Pooled text-tower features (..., D) -> L2-normalised joint embeddings (..., E), through the
+    projection of `kind`: 'prompt' (image-level label prompts) or 'phrase' (region phrases)."""
+    if kind not in TEXT_KINDS:
+      raise ValueError(f"text kind {kind!r}; expected one of {TEXT_KINDS}")
+    return l2_normalize(self.projections[kind](pooled))
 
-  def encode_text(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+  def encode_text(self, tokens: jax.Array, *, kind: str, train: bool = False) -> dict[str, jax.Array]:
     out = dict(self.text(tokens, train=train))
-    out["embedding"] = self.embed_text_features(out["pooled"])
+    out["embedding"] = self.embed_text_features(out["pooled"], kind=kind)
     return out
 
-  def _texts(self, tokens, features, train):
+  def _texts(self, tokens, features, train, kind):
     if (tokens is None) == (features is None):
       raise ValueError("pass exactly one of token ids or cached text features")
     if features is not None:
-      return self.embed_text_features(features)
-    return self.encode_text(tokens, train=train)["embedding"]
+      return self.embed_text_features(features, kind=kind)
+    return self.encode_text(tokens, kind=kind, train=train)["embedding"]
 
   def __call__(self, images: jax.Array, phrase_tokens: jax.Array | None = None,
                prompt_tokens: jax.Array | None = None, *, phrase_features: jax.Array | None = None,
@@ -76,10 +91,10 @@ class AnatomyVLM(nn.Module):
     label prompts as tokens (C,L) or features (C,D) -> all embeddings, boxes and logit scales."""
     out = dict(self.image(images, train=train))
     if self.image.num_regions:
-      out["phrase_emb"] = self._texts(phrase_tokens, phrase_features, train)
+      out["phrase_emb"] = self._texts(phrase_tokens, phrase_features, train, "phrase")
     else:  # holistic: no regions, so the phrases have nothing to align with
       out["phrase_emb"] = jnp.zeros((images.shape[0], 0, self.embed_dim), jnp.float32)
-    out["prompt_emb"] = self._texts(prompt_tokens, prompt_features, train)
+    out["prompt_emb"] = self._texts(prompt_tokens, prompt_features, train, "prompt")
     out.update(self.logit_scales())
     return out
 
@@ -94,7 +109,7 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ana
           mlp_dim=img.mlp_dim, embed_dim=model_config.embed_dim, dropout_rate=img.dropout,
           num_regions=anatomy.NUM_REGIONS if img.anatomy_tokens else 0,
           dtype=dtype, scan=img.scan, remat_policy=img.remat_policy,
-          gelu_approximate=img.gelu_approximate),
+          gelu_approximate=img.gelu_approximate, pool=img.pool),
       text=TextTower(
           vocab_size=vocab_size, width=txt.width, depth=txt.depth, num_heads=txt.num_heads,
           mlp_dim=txt.mlp_dim, max_len=txt.max_len,
@@ -104,4 +119,5 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ana
       logit_scale_init=model_config.logit_scale_init,
       logit_scale_max=model_config.logit_scale_max,
       global_bias_init=model_config.global_bias_init,
+      separate_text_projections=model_config.separate_text_projections,
   )

@@ -17,7 +17,8 @@ RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
 # `data.num_workers`: Grain's in-process and multi-worker iterators save different states.
 RESUME_FREE = ("data.num_threads", "data.prefetch")
 # Keys added after checkpoints were already written, with the value older checkpoints implied.
-ADDED_KEYS = {"model.image.anatomy_tokens": True}
+ADDED_KEYS = {"model.image.anatomy_tokens": True, "model.image.pool": "cls",
+              "model.separate_text_projections": False}
 
 
 class IncompatibleCheckpointError(ValueError):

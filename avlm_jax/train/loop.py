@@ -24,7 +24,7 @@ from avlm_jax.train.checkpoint import Checkpointer
 from avlm_jax.train import pretrained, schedule
 from avlm_jax.train.prefetch import BatchPrefetcher
 from avlm_jax.train.state import StatePlan, make_optimizer, optimizer_groups
-from avlm_jax.train.step import compile_train_step, make_train_step
+from avlm_jax.train.step import compile_grad_signal, compile_train_step, make_grad_signal_fn, make_train_step
 from avlm_jax.train.text_cache import TextFeatureCache
 
 
@@ -52,6 +52,8 @@ class Trainer:
   text-feature cache from the state's text params and encodes the label prompts once.
   `data_iter` yields ready global batches, prepared `config.data.prefetch` steps ahead in a
   background thread; it is also what checkpoints save (the position of the last batch taken).
+  `grad_signal(state, batch)` splits that step's backbone gradient over the loss terms (compiled
+  on its first call; None with `config.log_grad_signal=False`).
   """
 
   config: ml_collections.ConfigDict
@@ -65,6 +67,8 @@ class Trainer:
   prompts: jax.Array | None = None  # tokens, or frozen-tower features, replicated on the mesh
   text_cache: TextFeatureCache | None = None
   batch_keys: tuple[str, ...] = ()  # what the compiled step takes, in train_data.batch_spec order
+  make_grad_signal: Any = None  # () -> compiled (state, batch, prompts) -> backbone gradient metrics
+  _grad_signal: Any = None
 
   def start(self, state) -> None:
     if self.config.model.text.frozen:
@@ -93,6 +97,13 @@ class Trainer:
 
   def next_batch(self) -> dict[str, jax.Array]:
     return next(self.data_iter)
+
+  def grad_signal(self, state, batch) -> dict[str, float] | None:
+    if self.make_grad_signal is None:
+      return None
+    if self._grad_signal is None:
+      self._grad_signal = self.make_grad_signal()
+    return {k: float(v) for k, v in jax.device_get(self._grad_signal(state, batch, self.prompts)).items()}
 
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
@@ -137,6 +148,10 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
        + f"; stages: +global after step {starts[0]}, +fine after step {starts[1]}")
   trainer = Trainer(config, mesh, model, None, prompts, plan, step_fn, compile_s,
                     batch_keys=tuple(train_data.batch_spec(config)))
+  if config.get("log_grad_signal", True):
+    trainer.make_grad_signal = lambda: compile_grad_signal(
+        make_grad_signal_fn(model, config.loss, config.seed, starts), plan, train_data.batch_spec(config),
+        prompt_spec)
   trainer.data_iter = BatchPrefetcher(source, trainer.prepare, config.data.prefetch)
   return trainer
 
@@ -180,14 +195,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t_data = time.perf_counter()
     batch = trainer.next_batch()
     clock.data_wait_s += time.perf_counter() - t_data
+    done = step + 1
+    log_now = done % config.log_every == 0 or done == last_step
+    signal = None
+    if log_now and trainer.make_grad_signal is not None:  # the state before the step (it donates
+      # the state), with the step's batch: the split of exactly this step's gradient
+      jax.block_until_ready(state)
+      t_signal = time.perf_counter()
+      signal = trainer.grad_signal(state, batch)
+      clock.excluded_s += time.perf_counter() - t_signal  # a diagnostic, not training throughput
     state, step_metrics = trainer.step_fn(state, batch, trainer.prompts)
     accum.update(step_metrics)
-    done = step + 1
     if done == first_step + 1:
       jax.block_until_ready(state)
       clock.start(done)  # throughput excludes the first step (compilation, warm-up)
-    if done % config.log_every == 0 or done == last_step:
+    if log_now:
       scalars = accum.compute()
+      scalars.update(signal or {})
       train_metrics.check_finite(done, scalars)
       rates = clock.rates(done)
       scalars.update(rates)

@@ -71,14 +71,15 @@ class Throughput:
     self._t0: float | None = None
     self._step0 = 0
     self.data_wait_s = 0.0
+    self.excluded_s = 0.0  # time spent on work that is not training (e.g. gradient diagnostics)
 
   def start(self, step: int) -> None:
-    self._t0, self._step0, self.data_wait_s = time.perf_counter(), step, 0.0
+    self._t0, self._step0, self.data_wait_s, self.excluded_s = time.perf_counter(), step, 0.0, 0.0
 
   def rates(self, step: int) -> dict[str, float]:
     if self._t0 is None or step <= self._step0:
       return {}
-    dt = time.perf_counter() - self._t0
+    dt = max(time.perf_counter() - self._t0 - self.excluded_s, 1e-9)
     steps_per_s = (step - self._step0) / dt
     out = {"steps_per_s": steps_per_s, "examples_per_s": steps_per_s * self.global_batch,
            "data_wait_fraction": self.data_wait_s / dt}

@@ -38,6 +38,7 @@ def loss_weights(step: jax.Array, loss_cfg: ml_collections.ConfigDict, starts: t
       "anatomy_weight": jnp.float32(loss_cfg.anatomy_weight),
       "l1_weight": jnp.float32(loss_cfg.l1_weight),
       "giou_weight": jnp.float32(loss_cfg.giou_weight),
+      "presence_weight": jnp.float32(loss_cfg.presence_weight),
       "global_weight": loss_cfg.global_weight * global_on,
       "fine_weight": loss_cfg.fine_weight * fine_on,
       "stage": 1.0 + global_on + fine_on,

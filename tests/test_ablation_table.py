@@ -1,0 +1,109 @@
+"""The ablation table: metrics from kept per-image arrays, paired bootstrap intervals, collection."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from avlm_jax.evaluate import ablation_table, metrics
+
+N, C, R, F = 60, 3, 29, 2
+
+
+def _arrays(seed: int, signal: float) -> dict[str, np.ndarray]:
+  """A run's kept arrays: scores that follow the labels with strength `signal`."""
+  rng = np.random.default_rng(seed)
+  labels = (rng.random((N, C)) < 0.4).astype(np.float32)
+  region_labels = (rng.random((N - 10, R, F)) < 0.1).astype(np.float32)
+  present = rng.random((N, R)) < 0.9
+  iou = np.clip(rng.normal(0.6, 0.2, (N, R)), 0, 1)
+  return {
+      "ids": np.array([f"test/{i}" for i in range(N)]),
+      "zeroshot_image/labels": labels,
+      "zeroshot_image/scores": signal * labels + rng.random((N, C)),
+      "zeroshot_image/heldout_scores": 0.5 * signal * labels + rng.random((N, C)),
+      "zeroshot_anatomy/index": np.arange(10, N),  # images 0..9 carry no region labels
+      "zeroshot_anatomy/labels": region_labels,
+      "zeroshot_anatomy/scores": signal * region_labels + rng.random(region_labels.shape),
+      "localisation/iou": iou,
+      "localisation/present": present,
+      "localisation/confidence": present + rng.random((N, R)),
+  }
+
+
+def test_metrics_equal_the_evaluators_functions():
+  a = _arrays(0, 0.5)
+  out = ablation_table.run_metrics(a)
+  y, s = a["zeroshot_image/labels"], a["zeroshot_image/scores"]
+  assert out["image_auc"] == pytest.approx(np.mean([metrics.roc_auc(y[:, c], s[:, c]) for c in range(C)]))
+  ya, sa = a["zeroshot_anatomy/labels"], a["zeroshot_anatomy/scores"]
+  assert out["anatomy_auc"] == pytest.approx(np.mean([metrics.roc_auc(ya[..., f], sa[..., f]) for f in range(F)]))
+  iou, present, conf = a["localisation/iou"], a["localisation/present"], a["localisation/confidence"]
+  ap = [metrics.coco_average_precision(conf[:, r], present[:, r] & (iou[:, r] >= 0.5), present[:, r].sum())
+        for r in range(R)]
+  assert out["map50"] == pytest.approx(np.mean(ap))
+  assert out["mean_iou"] == pytest.approx(np.mean([iou[present[:, r], r].mean() for r in range(R)]))
+  # A subset of images: the anatomy arrays are indexed by image, not by row.
+  idx = np.arange(10, 40)
+  sub = ablation_table.run_metrics(a, idx)
+  assert sub["anatomy_auc"] == pytest.approx(np.mean([metrics.roc_auc(ya[:30, :, f], sa[:30, :, f])
+                                                      for f in range(F)]))
+
+
+def test_bootstrap_interval_brackets_the_seed_mean_and_shrinks_with_signal():
+  weak = [_arrays(s, 0.3) for s in range(3)]
+  point, lo, hi = ablation_table.seed_mean_ci(weak, "image_auc", n_resamples=200)
+  assert point == pytest.approx(np.mean([ablation_table.run_metrics(a)["image_auc"] for a in weak]))
+  assert lo < point < hi and hi - lo > 0.02
+  perfect = [_arrays(s, 5.0) for s in range(2)]
+  point, lo, hi = ablation_table.seed_mean_ci(perfect, "image_auc", n_resamples=100)
+  assert point == lo == hi == 1.0
+
+
+def test_runs_on_other_test_images_are_refused():
+  a, b = _arrays(0, 0.5), _arrays(1, 0.5)
+  b["ids"] = b["ids"][::-1].copy()
+  with pytest.raises(ValueError, match="different test images"):
+    ablation_table.seed_mean_ci([a, b], "image_auc", n_resamples=10)
+
+
+def _fake_eval(tmp_path, name, arrays, subjects=None):
+  out = tmp_path / "runs" / name / "eval"
+  os.makedirs(out / "arrays")
+  np.savez_compressed(out / "arrays" / "model.npz", **arrays)
+  subjects = subjects or {"model": {"zeroshot_image": {"mean_auc": 0.7}}}
+  (out / "metrics.json").write_text(json.dumps({"subjects": subjects, "checkpoint": "x"}))
+  return str(out)
+
+
+def test_collect_and_table(tmp_path):
+  results = str(tmp_path / "results")
+  baselines = {"model": {"localisation": {"map50": 0.5}},
+               "box_prior": {"localisation": {"map50": 0.3, "mean_iou": 0.6}}}
+  for row, signal in (("global", 0.2), ("full", 1.0)):
+    for seed in (0, 1):
+      name = f"{row}_seed{seed}"
+      arrays = _arrays(seed, signal)
+      if row == "global":  # the holistic model has no region outputs
+        arrays = {k: v for k, v in arrays.items() if not k.startswith(("zeroshot_anatomy", "localisation"))}
+      ev = _fake_eval(tmp_path, name, arrays, baselines if row == "full" and seed == 0 else None)
+      written = ablation_table.collect_run(ev, results, name, row=row, seed=seed)
+      assert all(os.path.exists(p) for p in written)
+  text = ablation_table.write_table(results, n_resamples=50)
+  table = json.loads((tmp_path / "results" / "table.json").read_text())
+  assert list(table["rows"]) == ["global", "full"]
+  assert "map50" not in table["rows"]["global"]["metrics"]
+  full = table["rows"]["full"]["metrics"]["image_auc"]
+  assert full["mean"] > table["rows"]["global"]["metrics"]["image_auc"]["mean"]
+  assert len(full["per_seed"]) == 2 and full["ci95"][0] <= full["mean"] <= full["ci95"][1]
+  assert "| global only (holistic) | 2 |" in text and "| 0.82 |" in text
+  assert "`box_prior`: localisation/map50 0.300, localisation/mean_iou 0.600" in text
+
+
+def test_a_run_without_kept_arrays_is_named(tmp_path):
+  out = tmp_path / "eval"
+  os.makedirs(out)
+  (out / "metrics.json").write_text(json.dumps({"subjects": {"model": {}}}))
+  with pytest.raises(FileNotFoundError, match="arrays/model.npz is missing"):
+    ablation_table.collect_run(str(out), str(tmp_path / "r"), "full_seed0", row="full", seed=0)
