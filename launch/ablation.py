@@ -65,12 +65,10 @@ def _data_overrides(root: str) -> list[str]:
 
 def prepare_corpus(root: str) -> None:
   """Build the shared corpus once (the config's own data kind, seed 0) into <root>/data."""
-  from ml_collections import config_flags  # noqa: F401  (imports the config machinery)
+  import importlib.util
 
   from avlm_jax.train import data
-  from configs import common  # noqa: F401
 
-  import importlib.util
   spec = importlib.util.spec_from_file_location("ablation_config", _CONFIG.value)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
