@@ -92,8 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
            anatomy_tokens=True,
            # What image_emb is projected from: 'cls' (the CLS token), 'map' (a learned probe's
            # attention pool over all output tokens, as big_vision's MAPHead) or 'region' (the same
-           # pool over CLS + the anatomy tokens only; not for the holistic model). models/pooling.py
-           pool="cls",
+           # pool over CLS + the anatomy tokens only; not for the holistic model, which holistic()
+           # gives 'map'). models/pooling.py. 'region' lets the image-level head read the anatomy.
+           pool="region",
            init_from=""))  # a ViT checkpoint: big_vision .npz, timm or HF safetensors
   c.model.text = ml_collections.ConfigDict(
       dict(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, pooling="mean", dropout=0.0,
@@ -103,16 +104,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU + presence_weight·BCE) + fine_weight·L_fine
   #     + global_weight·L_global; BCE trains each anatomy token's presence logit on box_present.
+  # fine 4 and global 0.5 (with 'siglip' normalisation, i.e. 4× the old per-class mean) come from
+  # the logged backbone gradient shares (backbone_grad_share_*): with fine = global = 1 and 'mean',
+  # synth_small's backbone signal over steps 300-600 was ~76 % detection, ~11 % fine, ~10 % global;
+  # these weights put each alignment term at about a quarter (BENCHMARKS.md, issue 12).
   c.loss = ml_collections.ConfigDict(
-      dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, presence_weight=1.0, fine_weight=1.0,
-           global_weight=1.0))
+      dict(anatomy_weight=1.0, l1_weight=5.0, giou_weight=2.0, presence_weight=1.0, fine_weight=4.0,
+           global_weight=0.5))
   # Alignment losses: 'global' (GSPMD, (B·29)² region logits) or 'ring' (shard_map ring over the
   # batch axes; memory linear in the local batch). ring_chunk: widest logit tile, in texts.
   c.loss.implementation = "global"
   c.loss.ring_chunk = 1024
   # The image-level sigmoid loss over (images × classes): 'mean' averages over both; 'siglip' sums
-  # over classes and averages over images (C× larger, as SigLIP normalises its pairwise loss).
-  c.loss.global_normalization = "mean"
+  # over classes and averages over images (C× larger, as SigLIP normalises its pairwise loss), so
+  # the term's weight does not shrink as labels are added.
+  c.loss.global_normalization = "siglip"
 
   # The paper's stages: detection only, then + image-level, then + region-phrase. Each start is
   # the number of steps trained before the term joins: >= 1 a step count, [0, 1) a fraction.

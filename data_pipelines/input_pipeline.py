@@ -2,9 +2,9 @@
 
     source (random access over all shards)
       -> global shuffle(seed), a new permutation every epoch -> repeat
-      -> this process's slice [process_index::process_count]
       -> decode + box-aware letterbox resize                (DecodeTriple, picklable)
       -> region-text sampling (optional, seeded per example) (SampleRegionTexts)
+      -> this process's slice [process_index::process_count] (lazy: only its records are read)
       -> tokenise the 2·29 slot texts + text identities     (TokenizeTexts)
       -> batch(local_batch, drop_remainder=True)
       -> iterator whose state (`get_state`/`set_state`) is saved in every checkpoint.
@@ -181,10 +181,12 @@ def make_dataset(paths: Sequence[str], *, seed: int, local_batch_size: int, imag
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds[process_index::process_count]
   ds = ds.map(DecodeTriple(source, image_size=image_size, label_names=label_names))
   if text_sampling is not None:
     ds = ds.random_map(SampleRegionTexts(text_sampling), seed=seed)
+  # Slice after the random map (lazily: each process still decodes only its own records), so an
+  # example's texts are drawn from its global position and do not depend on the process count.
+  ds = ds[process_index::process_count]
   ds = ds.map(TokenizeTexts(tokenizer, max_phrase_len))
   return ds.batch(local_batch_size, drop_remainder=True)
 

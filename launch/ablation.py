@@ -99,10 +99,16 @@ def run_one(row: str, seed: int, root: str, results: str, with_baselines: bool) 
                                            "overrides": extra})
 
 
-def _commit(paths: list[str], message: str) -> None:
-  subprocess.check_call(["git", "add", *paths])
-  if subprocess.call(["git", "diff", "--cached", "--quiet"]):
-    subprocess.check_call(["git", "commit", "-q", "-m", message])
+def _commit(paths: list[str], message: str, tries: int = 5) -> None:
+  """Commit just these files. A failure (another git command holds the index) is retried, then
+  reported and left: the files stay on disk, and a rerun's table includes them."""
+  for attempt in range(tries):
+    ok = subprocess.call(["git", "add", *paths]) == 0 and subprocess.call(
+        ["git", "commit", "-q", "-m", message, "--", *paths]) in (0, 1)
+    if ok:
+      return
+    time.sleep(2 + 3 * attempt)
+  print(f"warning: could not commit {paths}; commit them by hand", flush=True)
 
 
 def main(argv):

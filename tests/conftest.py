@@ -13,6 +13,19 @@ jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session (and the processes its tests start): many
+  tests compile the same tiny train step, and a cache hit skips XLA entirely."""
+  d = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = d
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  jax.config.update("jax_compilation_cache_dir", d)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield d
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
   """A small built-in corpus (train 64, validation 16) with its tokenizer."""
@@ -35,6 +48,9 @@ def tiny_config(arg="", **overrides):
   from configs import tiny
 
   c = tiny.get_config(",".join(filter(None, ["data=shapes", arg])))  # drawn shapes: fast, need no CT
+  # The per-term gradient split compiles a second function on the first log step: only the tests
+  # of it (and the shared tiny_checkpoint run) switch it on.
+  c.log_grad_signal = False
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -50,7 +66,7 @@ def tiny_checkpoint(synthetic_dir, tmp_path_factory):
   from avlm_jax.train.loop import train_and_evaluate
 
   cfg = tiny_config(**{"data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 2,
-                       "log_every": 1, "checkpoint_every": 2, "evals.every_steps": 2,
+                       "log_every": 1, "checkpoint_every": 2, "evals.every_steps": 2, "log_grad_signal": True,
                        "evals.in_training": ("zeroshot_image", "localisation")})
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])

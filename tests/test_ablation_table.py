@@ -107,3 +107,23 @@ def test_a_run_without_kept_arrays_is_named(tmp_path):
   (out / "metrics.json").write_text(json.dumps({"subjects": {"model": {}}}))
   with pytest.raises(FileNotFoundError, match="arrays/model.npz is missing"):
     ablation_table.collect_run(str(out), str(tmp_path / "r"), "full_seed0", row="full", seed=0)
+
+
+def test_runner_skips_finished_runs_and_writes_the_table(tmp_path):
+  """A rerun of launch/ablation.py does no training for a run whose result is there."""
+  import subprocess
+  import sys
+
+  results = tmp_path / "results"
+  ev = _fake_eval(tmp_path, "full_seed0", _arrays(0, 1.0))
+  ablation_table.collect_run(ev, str(results), "full_seed0", row="full", seed=0)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.ablation", "--config=configs/tiny.py", "--config_args=data=shapes",
+       f"--root={tmp_path / 'root'}", f"--results={results}", "--rows=full", "--seeds=0"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "full_seed0: done, skipped" in out.stdout
+  assert not (tmp_path / "root" / "full_seed0").exists()  # nothing was trained
+  assert (results / "TABLE.md").read_text().count("| full (global + detection + fine) | 1 |") == 1

@@ -55,6 +55,8 @@ def test_avlm_b16_parameter_count_by_hand(res):
            + 12 * _encoder_layer(d, 3072) + 2 * d
            + 2 * (d * d + d) + (d * 4 + 4)   # box head: two hidden layers + output
            + (d + 1)                    # presence head
+           + d + 4 * (d * d + d) + 2 * d + (d * 3072 + 3072) + (3072 * d + d)  # region pool: probe,
+           # q/k/v/out, LayerNorm, MLP
            + (2 * d * e + e) + (d * e + e))  # region and image projections
   text = (vocab * d + 512 * d + 2 * d + 2 * d   # word, position, token-type embeddings + LayerNorm
           + 12 * _encoder_layer(d, 3072))

@@ -5,11 +5,11 @@ from avlm_jax import anatomy
 from data_pipelines import input_pipeline, schema, synthetic_shapes
 
 
-def _dataset(data_dir, tokenizer, seed=0, batch=4, process_index=0, process_count=1):
+def _dataset(data_dir, tokenizer, seed=0, batch=4, process_index=0, process_count=1, text_sampling=None):
   return input_pipeline.make_dataset(
       schema.shard_paths(data_dir, "train"), seed=seed, local_batch_size=batch, image_size=32,
       tokenizer=tokenizer, max_phrase_len=12, label_names=synthetic_shapes.FINDINGS,
-      process_index=process_index, process_count=process_count)
+      process_index=process_index, process_count=process_count, text_sampling=text_sampling)
 
 
 def _batches(it, n):
@@ -68,10 +68,17 @@ def test_iterator_state_resumes_exactly(synthetic_dir, tokenizer):
 
 
 def test_process_slices_partition_the_global_order(synthetic_dir, tokenizer):
-  whole = _dataset(synthetic_dir, tokenizer, batch=1)
-  parts = [_dataset(synthetic_dir, tokenizer, batch=1, process_index=i, process_count=2) for i in range(2)]
+  """Each process reads its share of the global order, with the texts the global position draws:
+  a 2-process run sees exactly the examples of a 1-process run."""
+  from data_pipelines.region_text_sampling import SamplingOptions
+
+  opts = SamplingOptions()
+  whole = _dataset(synthetic_dir, tokenizer, batch=1, text_sampling=opts)
+  parts = [_dataset(synthetic_dir, tokenizer, batch=1, process_index=i, process_count=2, text_sampling=opts)
+           for i in range(2)]
   for k in range(8):
-    np.testing.assert_array_equal(parts[k % 2][k // 2]["image"], whole[k]["image"])
+    for key in ("image", "phrase_tokens", "phrase_ids"):
+      np.testing.assert_array_equal(parts[k % 2][k // 2][key], whole[k][key], err_msg=f"{key}, example {k}")
 
 
 @pytest.mark.parametrize("h, w", [(80, 40), (40, 80)])  # portrait, landscape

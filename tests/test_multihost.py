@@ -90,7 +90,7 @@ def _losses(workdir):
 @pytest.mark.slow
 def test_two_processes_train_the_tiny_config_like_one(tmp_path):
   """Same global batches (each process reads its slice), same losses, a checkpoint both wrote."""
-  args = ["--config=configs/tiny.py:data=shapes,steps=4,batch=8", "--config.log_every=1", "--config.checkpoint_every=4",
+  args = ["--config=configs/tiny.py:data=shapes,steps=4,batch=8", "--config.log_every=1", "--config.log_grad_signal=False", "--config.checkpoint_every=4",
           "--config.data.synthetic.num_train=64", "--config.data.synthetic.num_val=8",
           "--config.model.image.depth=1", "--config.model.text.depth=1"]  # halves the compiles
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"

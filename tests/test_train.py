@@ -70,7 +70,8 @@ def test_frozen_text_tower_and_three_stages(synthetic_dir, tmp_path):
   stages = [h["stage"] for h in first["history"] + second["history"]]
   assert stages == [1, 1, 2, 2, 3, 3]
   weights = [(h["weight_global"], h["weight_fine"]) for h in first["history"] + second["history"]]
-  assert weights == [(0, 0), (0, 0), (1, 0), (1, 0), (1, 1), (1, 1)]
+  g, f = cfg.loss.global_weight, cfg.loss.fine_weight
+  assert weights == [(0, 0), (0, 0), (g, 0), (g, 0), (g, f), (g, f)]
   a, b = first["state"].params, second["state"].params
   for x, y in zip(jax.tree.leaves(a["text"]), jax.tree.leaves(b["text"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -141,10 +142,10 @@ def test_holistic_ablation_trains_the_image_level_loss_only(holistic_checkpoint,
   assert [h["step"] for h in history] == [1, 2]
   for h in history:
     assert h["loss_anatomy"] == 0 and h["loss_fine"] == 0 and h["stage"] == 3
-    assert h["loss"] == pytest.approx(h["loss_global"]) and h["loss_global"] > 0
+    assert h["loss"] == pytest.approx(cfg.loss.global_weight * h["loss_global"]) and h["loss_global"] > 0
   bad = _config(synthetic_dir, **{"model.image.anatomy_tokens": False})
   with pytest.raises(ValueError, match=r"anatomy_tokens=False \(holistic\) leaves nothing for "
-                                       r"loss.anatomy_weight=1.0, loss.fine_weight=1.0"):
+                                       rf"loss.anatomy_weight=1.0, loss.fine_weight={bad.loss.fine_weight}"):
     train_and_evaluate(bad, str(tmp_path))
 
 

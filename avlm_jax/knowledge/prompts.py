@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import string
 from typing import Collection, Mapping, Sequence
 
@@ -129,23 +130,34 @@ def _fits(text: str, region: str) -> bool:
       {"lung", "pulmonary"} & set(text.split()))
 
 
+@functools.lru_cache(maxsize=None)
+def _finding_statements(kb: KnowledgeBase, region: str, asserted: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """(finding, its denials (or, `asserted`, its assertions) at `region`) for every finding typical
+  of the region; cached, as the region-text sampler asks for them for every slot of every example."""
+  out = []
+  for f in kb.findings_for_region(region):
+    if f.lateral:
+      forms = f.text_forms if asserted else f.negations
+      texts = [f"{form} {_location(region)}" for form in forms if _fits(form, region)]
+      modifier = _side_modifier(region)
+      if modifier:
+        texts += [f"{'' if asserted else 'no '}{modifier} {form}" for form in f.text_forms
+                  if _prenominal(form, modifier)]
+    else:  # global statements ('heart size is normal', 'cardiomegaly'): no location added
+      texts = list(f.text_forms if asserted else f.negations)
+    if texts:
+      out.append((f.name, tuple(dict.fromkeys(texts))))
+  return tuple(out)
+
+
 def attribute_negative_options(kb: KnowledgeBase, region: str,
                                exclude: Collection[str] = ()) -> dict[str, tuple[str, ...]]:
   """Every statement `attribute_negative` may return for `region`, keyed by the finding it denies
   (GENERIC for the region's normal statements or the fallback). Findings named in `exclude`
   (canonical names: those present in the image) are left out: a global denial such as 'heart
   size is normal' would be false of an image with cardiomegaly elsewhere."""
-  options: dict[str, tuple[str, ...]] = {}
-  for f in _typical(kb, region, exclude):
-    if f.lateral:
-      texts = [f"{neg} {_location(region)}" for neg in f.negations if _fits(neg, region)]
-      modifier = _side_modifier(region)
-      if modifier:
-        texts += [f"no {modifier} {form}" for form in f.text_forms if _prenominal(form, modifier)]
-    else:
-      texts = list(f.negations)  # global statements ('heart size is normal'): no location added
-    if texts:
-      options[f.name] = tuple(dict.fromkeys(texts))
+  excluded = _excluded(kb, exclude)
+  options = {name: texts for name, texts in _finding_statements(kb, region, False) if name not in excluded}
   normal = kb.normal_statements.get(region, ())
   if normal or not options:
     options[GENERIC] = tuple(normal) or (f"the {region} is unremarkable",)
@@ -158,17 +170,8 @@ def hard_negative_options(kb: KnowledgeBase, region: str,
   Findings named in `exclude` (present somewhere in the image) are left out, so the statement is
   false of the image, not just of the region's own phrase ('right pleural effusion' on the right
   hemidiaphragm of an image with a right effusion at the costophrenic angle is true)."""
-  options: dict[str, tuple[str, ...]] = {}
-  for f in _typical(kb, region, exclude):
-    if f.lateral:
-      texts = [f"{form} {_location(region)}" for form in f.text_forms if _fits(form, region)]
-      modifier = _side_modifier(region)
-      if modifier:
-        texts += [f"{modifier} {form}" for form in f.text_forms if _prenominal(form, modifier)]
-    else:
-      texts = list(f.text_forms)
-    if texts:
-      options[f.name] = tuple(dict.fromkeys(texts))
+  excluded = _excluded(kb, exclude)
+  options = {name: texts for name, texts in _finding_statements(kb, region, True) if name not in excluded}
   if not options:
     # A normal statement here would be true for a normal region, i.e. a false negative.
     options[GENERIC] = (f"the {region} is abnormal",)
@@ -201,12 +204,11 @@ def related_findings(names: Collection[str]) -> set[str]:
   return out
 
 
-def _typical(kb: KnowledgeBase, region: str, exclude: Collection[str]):
-  """The findings typical of `region`, without those in `exclude` (canonical names) or related to them."""
+def _excluded(kb: KnowledgeBase, exclude: Collection[str]) -> set[str]:
+  """The canonical names in `exclude` and every finding related to one of them."""
   if isinstance(exclude, str):
     raise TypeError(f"exclude must be a collection of finding names, not the string {exclude!r}")
-  excluded = related_findings({kb.canonical(e) for e in exclude if e in kb})
-  return tuple(f for f in kb.findings_for_region(region) if f.name not in excluded)
+  return related_findings({kb.canonical(e) for e in exclude if e in kb})
 
 
 def _pick(options: Mapping[str, tuple[str, ...]], rng: np.random.Generator) -> str:
