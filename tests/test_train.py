@@ -217,6 +217,7 @@ def test_synth_small_learns_boxes_and_region_phrases(tmp_path, optimized_xla):
 
   cfg = synth_small.get_config("data=shapes,steps=200,batch=16")
   cfg.log_every = 25
+  cfg.log_grad_signal = False  # its own compile; tested in test_grad_signal.py
   cfg.data.synthetic.num_train = 512
   cfg.model.image.update(dict(width=64, mlp_dim=128, num_heads=2))
   out = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])

@@ -84,15 +84,20 @@ class Checkpointer:
     """The config (JSON) saved with step `step`."""
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+  def check_config(self, step: int, config: dict) -> None:
+    """Raise IncompatibleCheckpointError naming the config keys that differ (cheap: run it before
+    building anything)."""
+    diffs = config_differences(self.saved_config(step), config)
+    if diffs:
+      raise IncompatibleCheckpointError(
+          f"checkpoint {self.directory}/{step} was written by a different config; it cannot be resumed "
+          "with this one:\n  " + "\n  ".join(diffs)
+          + "\nUse a new --workdir, or run with the config it was made with.")
+
   def check_compatible(self, step: int, abstract_state: Any, config: dict) -> None:
     """Raise IncompatibleCheckpointError naming the config keys or parameters that differ."""
     where = f"checkpoint {self.directory}/{step}"
-    saved = self.saved_config(step)
-    diffs = config_differences(saved, config)
-    if diffs:
-      raise IncompatibleCheckpointError(
-          f"{where} was written by a different config; it cannot be resumed with this one:\n  "
-          + "\n  ".join(diffs) + "\nUse a new --workdir, or run with the config it was made with.")
+    self.check_config(step, config)
     meta = self.manager.item_metadata(step)["state"]
     saved_shapes = {_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
     want_shapes = {_path(p): tuple(s.shape)

@@ -167,11 +167,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config_json = json.loads(config.to_json())
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
+  first_step = ckpt.latest_step() or 0
+  if first_step:  # a checkpoint of another config stops the run before any compile
+    ckpt.check_config(first_step, config_json)
   trainer = build_trainer(config, workdir, devices)
   data_iter = trainer.data_iter
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
-  first_step = ckpt.latest_step() or 0
   if first_step:
     state = ckpt.restore(first_step, trainer.plan.abstract, data_iter, config_json)
     _say(f"resumed from {ckpt.directory}/{first_step}")
