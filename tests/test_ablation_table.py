@@ -51,6 +51,44 @@ def test_metrics_equal_the_evaluators_functions():
                                                       for f in range(F)]))
 
 
+def _resampled(a: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+  """The run's arrays on the image list `idx` itself (repeats as copies): what a slow bootstrap scores."""
+  out = {k: v[idx] for k, v in a.items() if not k.startswith("zeroshot_anatomy")}
+  where = {int(i): k for k, i in enumerate(a["zeroshot_anatomy/index"])}
+  rows = np.asarray([where[int(i)] for i in idx if int(i) in where])
+  for k in ("zeroshot_anatomy/labels", "zeroshot_anatomy/scores"):
+    out[k] = a[k][rows]
+  out["zeroshot_anatomy/index"] = np.arange(len(rows))
+  return out
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_weighted_metrics_equal_the_metrics_of_the_resampled_list(draw):
+  """A resample scored as image counts (all resamples at once) equals the evaluators' functions on
+  the resampled list with its repeats, ties in the scores included."""
+  a = _arrays(draw, 0.5)
+  rng = np.random.default_rng(100 + draw)
+  a["zeroshot_image/scores"] = np.round(a["zeroshot_image/scores"], 1)  # many ties
+  a["localisation/confidence"] = np.round(a["localisation/confidence"], 2)
+  idx = rng.integers(0, N, N)
+  got = ablation_table.run_metrics(a, idx)
+  r = _resampled(a, idx)
+  y, s = r["zeroshot_image/labels"], r["zeroshot_image/scores"]
+  assert got["image_auc"] == pytest.approx(np.nanmean([metrics.roc_auc(y[:, c], s[:, c]) for c in range(C)]), abs=1e-12)
+  ya, sa = r["zeroshot_anatomy/labels"], r["zeroshot_anatomy/scores"]
+  assert got["anatomy_auc"] == pytest.approx(np.nanmean([metrics.roc_auc(ya[..., f], sa[..., f]) for f in range(F)]), abs=1e-12)
+  assert got["anatomy_auc_region"] == pytest.approx(np.nanmean([metrics.roc_auc(ya[:, q], sa[:, q]) if 0 < ya[:, q].sum() < ya[:, q].size else np.nan for q in range(R)]), abs=1e-12)
+  iou, present, conf = r["localisation/iou"], r["localisation/present"], r["localisation/confidence"]
+  # Sorted by image so tied confidences meet in the same order as in the weighted form.
+  order = np.argsort(idx, kind="mergesort")
+  iou, present, conf = iou[order], present[order], conf[order]
+  ap = [metrics.coco_average_precision(conf[:, q], present[:, q] & (iou[:, q] >= 0.5), present[:, q].sum())
+        for q in range(R)]
+  assert got["map50"] == pytest.approx(np.nanmean(ap), abs=1e-12)
+  assert got["hit_rate50"] == pytest.approx(np.mean([(iou[present[:, q], q] >= 0.5).mean() for q in range(R)]), abs=1e-12)
+  assert got["mean_iou"] == pytest.approx(np.mean([iou[present[:, q], q].mean() for q in range(R)]), abs=1e-12)
+
+
 def test_bootstrap_interval_brackets_the_seed_mean_and_shrinks_with_signal():
   weak = [_arrays(s, 0.3) for s in range(3)]
   point, lo, hi = ablation_table.seed_mean_ci(weak, "image_auc", n_resamples=200)

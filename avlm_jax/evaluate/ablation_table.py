@@ -23,7 +23,7 @@ import glob
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,67 +38,115 @@ METRICS = ("image_auc", "image_auc_heldout", "anatomy_auc", "anatomy_auc_region"
            "mean_iou")
 
 
-def _nanmean(values) -> float:
-  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-  return float(v.mean()) if len(v) else float("nan")
+# --- metrics under image weights --------------------------------------------------------------
+# A bootstrap resample of the test images is a vector of counts (how often each image was drawn),
+# so every metric below takes image weights W (B, N) and returns (B,) values: all resamples at
+# once, each with one sort per finding. Integer weights give exactly the metric on the resampled
+# list (tests/test_ablation_table.py checks against metrics.roc_auc / coco_average_precision).
+def weighted_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """AUC (Mann–Whitney, ties count 1/2) of cells y, s (M,) under cell weights w (B, M); NaN per
+  weighting without both classes."""
+  y, s = np.asarray(y).astype(bool).ravel(), np.asarray(s, np.float64).ravel()
+  order = np.argsort(s, kind="mergesort")
+  s, y, w = s[order], y[order], w[:, order]
+  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # tie groups
+  pos = np.add.reduceat(w * y, starts, axis=1)
+  neg = np.add.reduceat(w * ~y, starts, axis=1)
+  below = np.cumsum(neg, axis=1) - neg
+  n_pos, n_neg = pos.sum(1), neg.sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+  return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
-# --- metrics on a subset of test images --------------------------------------------------------
-def image_auc(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> float:
-  """Mean over findings of the AUC on images `idx`; labels, scores (N, C)."""
-  return _nanmean([metrics.roc_auc(labels[idx, c], scores[idx, c]) for c in range(labels.shape[1])])
+def weighted_coco_ap(scores: np.ndarray, is_tp: np.ndarray, is_gt: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """`metrics.coco_average_precision` of one region whose detections are weighted (B, M): a
+  detection of weight k counts as k copies (NaN without ground truth)."""
+  order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+  tp, ww = np.asarray(is_tp, bool)[order], w[:, order]
+  n_gt = (w * np.asarray(is_gt, bool)).sum(1)
+  cum_tp, cum_all = np.cumsum(ww * tp, axis=1), np.cumsum(ww, axis=1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    precision = np.where(cum_all > 0, cum_tp / cum_all, 0.0)  # zero-weight leaders sit at recall 0
+    recall = cum_tp / n_gt[:, None]
+  envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+  m = recall.shape[1]
+  at = (recall[:, :, None] < metrics.COCO_RECALL_POINTS).sum(1)  # searchsorted 'left', per row
+  ap = np.where(at < m, np.take_along_axis(envelope, np.minimum(at, m - 1), axis=1), 0.0).mean(1)
+  return np.where(n_gt > 0, ap, np.nan)
 
 
-def anatomy_auc(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray, axis: str = "finding") -> float:
-  """Mean over findings (or regions) of the AUC pooled over the other axis; labels, scores (N, R, F)."""
-  y, s = labels[idx], scores[idx]
+def _nanmean_rows(values: list[np.ndarray]) -> np.ndarray:
+  """Mean over the list (findings, regions) per weighting, ignoring NaNs; NaN when all are."""
+  v = np.stack(values, 1)
+  ok = np.isfinite(v)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(ok.any(1), np.where(ok, v, 0).sum(1) / ok.sum(1), np.nan)
+
+
+def image_auc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """Mean over findings of the AUC under image weights w (B, N); labels, scores (N, C)."""
+  return _nanmean_rows([weighted_auc(labels[:, c], scores[:, c], w) for c in range(labels.shape[1])])
+
+
+def anatomy_auc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray, axis: str = "finding") -> np.ndarray:
+  """Mean over findings (or regions) of the AUC pooled over the other axis; labels, scores (M, R, F)
+  and row weights w (B, M)."""
+  _, n_regions, n_findings = labels.shape
   if axis == "finding":
-    return _nanmean([metrics.roc_auc(y[:, :, f], s[:, :, f]) for f in range(y.shape[2])])
-  return _nanmean([metrics.roc_auc(y[:, r], s[:, r]) for r in range(y.shape[1])])
+    cells = np.repeat(w, n_regions, axis=1)  # (row, region) cells in ravel order
+    return _nanmean_rows([weighted_auc(labels[:, :, f], scores[:, :, f], cells) for f in range(n_findings)])
+  cells = np.repeat(w, n_findings, axis=1)
+  return _nanmean_rows([weighted_auc(labels[:, r], scores[:, r], cells) for r in range(n_regions)])
 
 
-def detection(iou: np.ndarray, present: np.ndarray, confidence: np.ndarray, idx: np.ndarray) -> dict[str, float]:
-  """map50, hit_rate50 and mean_iou on images `idx`, from per-(image, region) IoU, presence and
-  confidence (the COCO AP of `metrics.coco_average_precision`, as the localisation evaluator)."""
-  iou, present, confidence = iou[idx], present[idx], confidence[idx]
-  ap, hit, mean_iou = [], [], []
+def detection(iou: np.ndarray, present: np.ndarray, confidence: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+  """map50, hit_rate50 and mean_iou under image weights w (B, N), from per-(image, region) IoU,
+  presence and confidence (the COCO AP of `metrics.coco_average_precision`, as the evaluator)."""
+  present = present.astype(bool)
+  hit = present & (iou >= 0.5)
+  ap, hit_rate, mean_iou = [], [], []
   for r in range(iou.shape[1]):
-    m = present[:, r]
-    n = int(m.sum())
-    ap.append(metrics.coco_average_precision(confidence[:, r], m & (iou[:, r] >= 0.5), n))
-    hit.append(float((iou[m, r] >= 0.5).mean()) if n else float("nan"))
-    mean_iou.append(float(iou[m, r].mean()) if n else float("nan"))
-  return {"map50": _nanmean(ap), "hit_rate50": _nanmean(hit), "mean_iou": _nanmean(mean_iou)}
+    ap.append(weighted_coco_ap(confidence[:, r], hit[:, r], present[:, r], w))
+    n = w @ present[:, r]
+    with np.errstate(invalid="ignore", divide="ignore"):
+      hit_rate.append(np.where(n > 0, (w @ hit[:, r]) / n, np.nan))
+      mean_iou.append(np.where(n > 0, (w @ np.where(present[:, r], iou[:, r], 0.0)) / n, np.nan))
+  return {"map50": _nanmean_rows(ap), "hit_rate50": _nanmean_rows(hit_rate), "mean_iou": _nanmean_rows(mean_iou)}
 
 
 def run_metrics(arrays: dict[str, np.ndarray], idx: np.ndarray | None = None,
                 only: str | None = None) -> dict[str, float]:
-  """Every table metric one run's kept arrays allow (or just `only`), on images `idx` (default: all)."""
+  """Every table metric one run's kept arrays allow (or just `only`), on the test images `idx`
+  (a list with repeats allowed; default: all)."""
   n = len(arrays["ids"])
-  idx = np.arange(n) if idx is None else idx
+  counts = np.ones(n) if idx is None else np.bincount(np.asarray(idx, np.int64), minlength=n)
+  return {k: float(v[0]) for k, v in weighted_metrics(arrays, counts[None].astype(np.float64), only).items()}
+
+
+def weighted_metrics(arrays: dict[str, np.ndarray], w: np.ndarray,
+                     only: str | None = None) -> dict[str, np.ndarray]:
+  """`run_metrics` under image weights w (B, N): each metric as (B,) values."""
   want = lambda *names: only is None or only in names
   out = {}
   if "zeroshot_image/labels" in arrays and want("image_auc"):
-    out["image_auc"] = image_auc(arrays["zeroshot_image/labels"], arrays["zeroshot_image/scores"], idx)
+    out["image_auc"] = image_auc(arrays["zeroshot_image/labels"], arrays["zeroshot_image/scores"], w)
   if "zeroshot_image/heldout_scores" in arrays and want("image_auc_heldout"):
     out["image_auc_heldout"] = image_auc(arrays["zeroshot_image/labels"],
-                                         arrays["zeroshot_image/heldout_scores"], idx)
+                                         arrays["zeroshot_image/heldout_scores"], w)
   if "zeroshot_anatomy/labels" in arrays and want("anatomy_auc", "anatomy_auc_region"):
-    # Anatomy arrays cover the images with region labels: map image indices onto their rows.
-    rows = _rows_of(arrays["zeroshot_anatomy/index"], idx)
+    # Anatomy arrays cover the images with region labels: their rows take their images' weights.
+    rows_w = w[:, np.asarray(arrays["zeroshot_anatomy/index"], np.int64)]
     y, s = arrays["zeroshot_anatomy/labels"], arrays["zeroshot_anatomy/scores"]
-    out["anatomy_auc"] = anatomy_auc(y, s, rows, "finding")
-    out["anatomy_auc_region"] = anatomy_auc(y, s, rows, "region")
+    if want("anatomy_auc"):
+      out["anatomy_auc"] = anatomy_auc(y, s, rows_w, "finding")
+    if want("anatomy_auc_region"):
+      out["anatomy_auc_region"] = anatomy_auc(y, s, rows_w, "region")
   if "localisation/iou" in arrays and want("map50", "hit_rate50", "mean_iou"):
-    out.update(detection(arrays["localisation/iou"], arrays["localisation/present"],
-                         arrays["localisation/confidence"], idx))
+    found = detection(arrays["localisation/iou"], arrays["localisation/present"],
+                      arrays["localisation/confidence"], w)
+    out.update({k: v for k, v in found.items() if want(k)})
   return out
-
-
-def _rows_of(index: np.ndarray, idx: np.ndarray) -> np.ndarray:
-  """Rows of a subset array whose image indices are `index`, for the images `idx` (with repeats)."""
-  where = {int(i): k for k, i in enumerate(index)}
-  return np.asarray([where[int(i)] for i in idx if int(i) in where], np.int64)
 
 
 # --- per run ---------------------------------------------------------------------------------------
@@ -162,19 +210,29 @@ def load_results(results_dir: str) -> dict[str, list[tuple[dict, dict[str, np.nd
 
 def seed_mean_ci(runs: list[dict[str, np.ndarray]], metric: str, *, n_resamples: int = 1000,
                  seed: int = 0) -> tuple[float, float, float]:
-  """(mean over seeds, CI low, CI high): percentile bootstrap over test images, paired across seeds."""
+  """(mean over seeds, CI low, CI high): percentile bootstrap over test images, paired across seeds.
+
+  `scipy.stats.bootstrap` draws the resamples; the statistic turns each batch of resampled index
+  lists into image counts and scores every resample at once (`weighted_metrics`)."""
   from scipy import stats
 
   n = len(runs[0]["ids"])
   for r in runs[1:]:
     if not np.array_equal(r["ids"], runs[0]["ids"]):
       raise ValueError(f"{metric}: the runs were scored on different test images; they cannot be paired")
-  stat: Callable[[np.ndarray], float] = lambda idx: _nanmean(
-      [run_metrics(r, np.asarray(idx, np.int64), only=metric).get(metric, np.nan) for r in runs])
-  point = stat(np.arange(n))
+
+  def stat(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+    idx = np.asarray(idx, np.int64)
+    batch = idx.reshape(-1, n)
+    counts = np.zeros(batch.shape, np.float64)
+    np.add.at(counts, (np.arange(len(batch))[:, None], batch), 1.0)
+    per_seed = [weighted_metrics(r, counts, only=metric).get(metric, np.full(len(batch), np.nan)) for r in runs]
+    return _nanmean_rows(per_seed).reshape(idx.shape[:-1])
+
+  point = float(stat(np.arange(n)))
   if not np.isfinite(point):
     return point, float("nan"), float("nan")
-  res = stats.bootstrap((np.arange(n),), stat, vectorized=False, n_resamples=n_resamples,
+  res = stats.bootstrap((np.arange(n),), stat, vectorized=True, n_resamples=n_resamples, batch=250,
                         method="percentile", random_state=seed)
   return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
