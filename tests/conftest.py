@@ -17,7 +17,11 @@ jax.config.update("jax_disable_most_optimizations", True)
 def compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the session (and the processes its tests start): many
   tests compile the same tiny train step, and a cache hit skips XLA entirely."""
-  d = str(tmp_path_factory.mktemp("jax_cache"))
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: the workers share one cache
+    d = str(tmp_path_factory.getbasetemp().parent / "jax_cache")
+    os.makedirs(d, exist_ok=True)
+  else:
+    d = str(tmp_path_factory.mktemp("jax_cache"))
   os.environ["JAX_COMPILATION_CACHE_DIR"] = d
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   jax.config.update("jax_compilation_cache_dir", d)

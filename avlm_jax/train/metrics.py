@@ -17,23 +17,33 @@ from clu import metrics as clu_metrics
 
 
 class MetricAccumulator:
-  """Averages each scalar the step reports over the steps since the last `compute`."""
+  """Averages each scalar the step reports over the steps since the last `compute`.
+
+  The clu collection is merged inside one jitted function per step: merged eagerly, each of the
+  ~30 `Average`s costs a handful of op dispatches per step (1.2 s per step on 8 fake CPU devices,
+  more than the tiny step itself)."""
 
   def __init__(self):
     self._collection = None
     self._cls = None
+    self._first = self._merge = None
 
   def update(self, step_metrics: dict[str, jax.Array]) -> None:
     if self._cls is None:
-      self._cls = clu_metrics.Collection.create(
+      cls = self._cls = clu_metrics.Collection.create(
           **{k: clu_metrics.Average.from_output(k) for k in sorted(step_metrics)})
-    single = self._cls.single_from_model_output(**step_metrics)
-    self._collection = single if self._collection is None else self._collection.merge(single)
+      self._first = jax.jit(lambda m: cls.single_from_model_output(**m))
+      self._merge = jax.jit(lambda c, m: c.merge(cls.single_from_model_output(**m)))
+    if self._collection is None:
+      self._collection = self._first(dict(step_metrics))
+    else:
+      self._collection = self._merge(self._collection, dict(step_metrics))
 
   def compute(self) -> dict[str, float]:
     if self._collection is None:
       return {}
-    values = {k: float(v) for k, v in jax.device_get(self._collection.compute()).items()}
+    # Fetched first, so the divisions run in numpy rather than as ~30 device ops.
+    values = {k: float(v) for k, v in jax.device_get(self._collection).compute().items()}
     self._collection = None
     return values
 
