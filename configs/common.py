@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_grad_signal = True
   c.checkpoint_every = 50
   c.max_checkpoints = 3
+  # Faults (avlm_jax/train/faults.py, README "Preemption and faults"). SIGTERM always saves at the
+  # next step boundary and ends the run with exit 0. A step with a non-finite loss or gradient:
+  # 'stop' ends the run naming the step and terms (nothing non-finite is ever saved); 'skip' drops
+  # its update and counts it, stopping after max_nonfinite_skips. step_timeout_s: a step (or the
+  # input pipeline) idle longer than this dumps all stacks and exits 70; 0 turns the watchdog off.
+  c.train = ml_collections.ConfigDict(dict(on_nonfinite="stop", max_nonfinite_skips=10, step_timeout_s=3600.0))
 
   c.labels = SYNTHETIC_LABELS  # image-level finding labels, in the order of the logits
   c.prompt_template = "chest radiograph showing {name}"

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import bisect
+import os
 import io
 from typing import Sequence
 
@@ -39,15 +40,26 @@ class TripleSource:
     from array_record.python import array_record_data_source
 
     self.paths = list(paths)
+    counts = []
+    for p in self.paths:  # one at a time, so a damaged shard is named (the reader's error is not)
+      try:
+        counts.append(len(array_record_data_source.ArrayRecordDataSource([p])))
+      except Exception as e:  # noqa: BLE001: Riegeli raises RuntimeError/ValueError/OSError
+        raise schema.RecordError(f"shard {p} cannot be read: {' '.join(str(e).split())[:300]} "
+                                 "(truncated, or not an ArrayRecord file)") from None
     self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
-    counts = [array_record_data_source.ArrayRecordDataSource([p]).__len__() for p in self.paths]
     self._starts = np.cumsum([0] + counts).tolist()
 
   def __len__(self) -> int:
     return self._starts[-1]
 
   def __getitem__(self, index: int) -> tuple[int, bytes]:
-    return index, self._source[index]
+    try:
+      return index, self._source[index]
+    except Exception as e:  # noqa: BLE001
+      path, i = self.locate(index)
+      raise schema.RecordError(f"{os.path.basename(path)}, record {i}: cannot be read from {path}: "
+                               f"{' '.join(str(e).split())[:300]}") from None
 
   def locate(self, index: int) -> tuple[str, int]:
     shard = bisect.bisect_right(self._starts, index) - 1

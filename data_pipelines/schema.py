@@ -74,9 +74,18 @@ class Triple:
     for name, png in self.masks.items():
       if not isinstance(name, str) or not name or not isinstance(png, bytes) or not png:
         raise RecordError(f"record {self.id!r}: mask {name!r} must be non-empty encoded bytes under a name")
-    present = self.boxes[self.box_present]
-    if present.size and not np.all(np.isfinite(present)):
-      raise RecordError(f"record {self.id!r}: non-finite coordinates in a present box")
+    for i in np.flatnonzero(self.box_present):
+      box, where = self.boxes[i], f"record {self.id!r}: box of {anatomy.REGION_NAMES[i]!r}"
+      if not np.all(np.isfinite(box)):
+        raise RecordError(f"{where} has non-finite coordinates {box.tolist()}")
+      if np.abs(box).max() > MAX_BOX_COORD:
+        raise RecordError(f"{where} has coordinates {box.tolist()} beyond ±{MAX_BOX_COORD:g} px")
+      if not (box[2] >= box[0] and box[3] >= box[1]):
+        raise RecordError(f"{where} is inverted (x1, y1, x2, y2 = {box.tolist()}): needs x2 >= x1, y2 >= y1")
+
+
+# No stored radiograph is anywhere near this wide: a larger coordinate is a unit or sign error.
+MAX_BOX_COORD = 1e5
 
 
 def encode(triple: Triple) -> bytes:

@@ -60,7 +60,7 @@ def test_avlm_b16_parameter_count_by_hand(res):
            + (2 * d * e + e) + (d * e + e))  # region and image projections
   text = (vocab * d + 512 * d + 2 * d + 2 * d   # word, position, token-type embeddings + LayerNorm
           + 12 * _encoder_layer(d, 3072))
-  head = (d * e + e) + 3                        # text projection, two logit scales, one bias
+  head = 2 * (d * e + e) + 3                    # prompt and phrase projections, two logit scales, one bias
   params = nn.unbox(abstract)
   assert _count(params["image"]) == image
   assert _count(params["text"]) == text

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,22 @@ def test_text_identity_is_the_token_sequence(tokenizer):
   assert (ids[3] == 0).all() and not out["has_phrase"][3] and not out["has_phrase"][29:].any()
   with pytest.raises(ValueError, match="expected 29 or 58 region texts, got 30"):
     tok.map({"texts": texts + [""]})
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+  """A shard cut off mid-file (a failed copy, a full disk) is named, not a bare Riegeli error."""
+  from array_record.python import array_record_module
+
+  paths = []
+  for k in range(2):
+    path = str(tmp_path / f"train-0000{k}-of-00002.array_record")
+    w = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i in range(4):
+      w.write(schema.encode(synthetic_shapes.make_triple(0, "train", 4 * k + i)))
+    w.close()
+    paths.append(path)
+  assert len(input_pipeline.TripleSource(paths)) == 8
+  with open(paths[1], "r+b") as f:
+    f.truncate(os.path.getsize(paths[1]) // 2)
+  with pytest.raises(schema.RecordError, match=rf"shard {paths[1]} cannot be read: .*truncated"):
+    input_pipeline.TripleSource(paths)

@@ -49,6 +49,34 @@ def test_wrong_box_shape_is_named():
     schema.encode(t)
 
 
+@pytest.mark.parametrize("box, message", [
+    ([30.0, 10.0, 20.0, 40.0], r"box of 'right lung' is inverted \(x1, y1, x2, y2 = \[30.0, 10.0, 20.0, 40.0\]\)"),
+    ([10.0, 10.0, 20.0, float("nan")], r"box of 'right lung' has non-finite coordinates"),
+    ([10.0, 10.0, 1e30, 40.0], r"box of 'right lung' has coordinates .* beyond ±100000 px"),
+    ([-1e30, 10.0, 20.0, 40.0], r"beyond ±100000 px"),
+])
+def test_a_bad_present_box_is_refused_at_write_and_at_read_time(box, message):
+  from avlm_jax import anatomy
+  import flax
+
+  t = synthetic_shapes.make_triple(0, "train", 0)
+  r = anatomy.REGION_NAMES.index("right lung")
+  t.boxes = t.boxes.copy()
+  t.boxes[r], t.box_present = box, t.box_present.copy()
+  t.box_present[r] = True
+  with pytest.raises(schema.RecordError, match=message):
+    schema.encode(t)
+  # A record written by other code is refused the same way when read.
+  raw = flax.serialization.msgpack_serialize({
+      "version": schema.SCHEMA_VERSION, "id": t.id, "image": t.image, "report": t.report,
+      "boxes": np.asarray(t.boxes, np.float32), "box_present": t.box_present,
+      "phrases": list(t.phrases), "findings": list(t.findings)})
+  with pytest.raises(schema.RecordError, match=message):
+    schema.decode(raw)
+  t.box_present[r] = False  # an absent region's row is ignored, whatever it holds
+  schema.decode(schema.encode(t))
+
+
 def test_missing_dataset_folder_and_shards(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     schema.shard_paths(str(tmp_path / "nope"), "train")

@@ -25,6 +25,10 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir's checkpoint was written by a config this run cannot continue from."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     out: dict[str, Any] = {}
@@ -75,10 +79,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(config)), force=force)
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data_iter=grain.checkpoint.CheckpointSave(data_iter),
+          config=ocp.args.JsonSave(config)), force=force)
+    except (OSError, ValueError, RuntimeError) as e:  # the write or a failed earlier one
+      raise self._save_error(e) from None
 
   def saved_config(self, step: int) -> dict:
     """The config (JSON) saved with step `step`."""
@@ -119,8 +126,34 @@ class Checkpointer:
         data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored["state"]
 
+  def check_for_errors(self) -> None:
+    """Raise CheckpointSaveError (one line) if a finished background save failed. Orbax writes each
+    step to a temporary directory and renames it when complete, so a failed save leaves every
+    earlier step as it was."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001: whatever the writer raised, named in one line
+      raise self._save_error(e) from None
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(e) from None
+
+  def _save_error(self, e: BaseException) -> CheckpointSaveError:
+    return CheckpointSaveError(f"saving a checkpoint to {self.directory} failed: {_one_line(e)}; the "
+                               f"earlier checkpoints there are intact (latest complete: step "
+                               f"{self.manager.latest_step()})")
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _one_line(e: BaseException) -> str:
+  """The innermost cause of an exception chain, as `Type: message` on one line."""
+  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split()) or type(e).__name__
+  return f"{type(e).__name__}: {text}"[:400]

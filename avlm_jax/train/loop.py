@@ -19,6 +19,7 @@ from avlm_jax import anatomy, sharding
 from avlm_jax.losses import multiscale
 from avlm_jax.models.anatomy_vlm import build_model
 from avlm_jax.train import data as train_data
+from avlm_jax.train import faults
 from avlm_jax.train import metrics as train_metrics
 from avlm_jax.train.checkpoint import Checkpointer
 from avlm_jax.train import pretrained, schedule
@@ -139,8 +140,10 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
     prompt_spec = jax.ShapeDtypeStruct(prompts.shape, prompts.dtype)
   starts = schedule.stage_starts(config.stages, config.total_steps)
   t0 = time.perf_counter()
-  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed, starts), plan,
-                               train_data.batch_spec(config), prompt_spec)
+  skip_nonfinite = config.train.on_nonfinite == "skip"  # the step itself drops such an update
+  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed, starts,
+                                               skip_nonfinite=skip_nonfinite),
+                               plan, train_data.batch_spec(config), prompt_spec)
   compile_s = time.perf_counter() - t0
   mem = step_fn.memory_analysis()
   _say(f"compiled train step in {compile_s:.1f}s"
@@ -161,11 +164,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Train `config` in `workdir`; resume from its latest checkpoint if there is one.
 
   `devices` restricts the mesh to a subset of devices; `stop_after` ends this process after that
-  many steps (checkpointing first), as a pre-emption or a time-boxed job would.
-  Returns `state` (the final TrainState), `history` (the logged scalars) and `first_step`.
+  many steps (checkpointing first), as a time-boxed job would; SIGTERM does the same at the next
+  step boundary (`faults.Preemption`).
+  Returns `state` (the final TrainState), `history` (the logged scalars), `first_step` and
+  `preempted` (the step saved on SIGTERM, else None). Raises, each with a one-line message:
+  faults.RunConfigError (a config value or workdir that cannot work; before anything is built),
+  faults.NonFiniteError (nothing non-finite is ever saved) and checkpoint.CheckpointSaveError.
   """
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  faults.check_run_config(config)
+  faults.check_workdir(workdir)
   config_json = json.loads(config.to_json())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
   first_step = ckpt.latest_step() or 0
@@ -193,42 +201,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   clock = train_metrics.Throughput(config.batch_size)
   history: list[dict[str, float]] = []
   last_step = config.total_steps if stop_after is None else min(config.total_steps, first_step + stop_after)
-  for step in range(first_step, last_step):
-    t_data = time.perf_counter()
-    batch = trainer.next_batch()
-    clock.data_wait_s += time.perf_counter() - t_data
-    done = step + 1
-    log_now = done % config.log_every == 0 or done == last_step
-    signal = None
-    if log_now and trainer.make_grad_signal is not None:  # the state before the step (it donates
-      # the state), with the step's batch: the split of exactly this step's gradient
-      jax.block_until_ready(state)
-      t_signal = time.perf_counter()
-      signal = trainer.grad_signal(state, batch)
-      clock.excluded_s += time.perf_counter() - t_signal  # a diagnostic, not training throughput
-    state, step_metrics = trainer.step_fn(state, batch, trainer.prompts)
-    accum.update(step_metrics)
-    if done == first_step + 1:
-      jax.block_until_ready(state)
-      clock.start(done)  # throughput excludes the first step (compilation, warm-up)
-    if log_now:
-      scalars = accum.compute()
-      scalars.update(signal or {})
-      train_metrics.check_finite(done, scalars)
-      rates = clock.rates(done)
-      scalars.update(rates)
-      writer.write(done, scalars)
-      history.append({"step": done, **scalars})
-      _say(train_metrics.progress_line(done, config.total_steps, scalars, rates))
-    if done % config.checkpoint_every == 0 or done == last_step:
-      ckpt.save(done, state, data_iter, config_json)
-    if evals is not None and evals.due(done, last_step):
-      eval_scalars = evals.run(done, state.params)
-      writer.write(done, eval_scalars)
-      history.append({"step": done, **eval_scalars})
-      _say(f"step {done} evals: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in eval_scalars.items()))
+  guard = faults.NonFiniteGuard(config.train.on_nonfinite, config.train.max_nonfinite_skips,
+                                last_good=first_step or None)
+  watchdog = faults.Watchdog(config.train.step_timeout_s)
+  preempted = None
+  try:
+    with faults.Preemption() as preemption:
+      for step in range(first_step, last_step):
+        t_data = time.perf_counter()
+        batch = trainer.next_batch()
+        clock.data_wait_s += time.perf_counter() - t_data
+        done = step + 1
+        log_now = done % config.log_every == 0 or done == last_step
+        signal = None
+        if log_now and trainer.make_grad_signal is not None:  # the state before the step (it
+          # donates the state), with the step's batch: the split of exactly this step's gradient
+          jax.block_until_ready(state)
+          t_signal = time.perf_counter()
+          signal = trainer.grad_signal(state, batch)
+          clock.excluded_s += time.perf_counter() - t_signal  # a diagnostic, not training throughput
+        state, step_metrics = trainer.step_fn(state, batch, trainer.prompts)
+        guard.after_step(done, step_metrics)  # waits for the step before (so a hang shows here)
+        watchdog.beat(step)
+        ckpt.check_for_errors()  # a background save that failed stops the run now, not at the next
+        accum.update(step_metrics)
+        if done == first_step + 1:
+          jax.block_until_ready(state)
+          clock.start(done)  # throughput excludes the first step (compilation, warm-up)
+        if log_now:
+          guard.flush()
+          scalars = accum.compute()
+          scalars.update(signal or {})
+          if guard.policy == "skip":
+            scalars["nonfinite_skipped"] = float(guard.skipped)
+          else:
+            train_metrics.check_finite(done, scalars)
+          rates = clock.rates(done)
+          scalars.update(rates)
+          writer.write(done, scalars)
+          history.append({"step": done, **scalars})
+          _say(train_metrics.progress_line(done, config.total_steps, scalars, rates))
+        stop = done < last_step and preemption.reached(done)
+        if done % config.checkpoint_every == 0 or done == last_step or stop:
+          guard.flush()  # never save a non-finite state
+          ckpt.save(done, state, data_iter, config_json, force=stop)
+          guard.last_good = done
+        if stop:
+          ckpt.wait()
+          preempted = done
+          _say(f"preempted (SIGTERM): saved step {done} in {ckpt.directory}; rerun the same command "
+               "to resume")
+          break
+        if evals is not None and evals.due(done, last_step):
+          with watchdog.suspended():
+            eval_scalars = evals.run(done, state.params)
+          writer.write(done, eval_scalars)
+          history.append({"step": done, **eval_scalars})
+          _say(f"step {done} evals: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in eval_scalars.items()))
+  except BaseException:
+    watchdog.close()
+    data_iter.close()
+    try:  # saves already under way hold good states: let them finish
+      ckpt.wait()
+      ckpt.close()
+    except Exception:  # noqa: BLE001: the first error is the one to report
+      pass
+    raise
+  watchdog.close()
   data_iter.close()
   ckpt.wait()
   ckpt.close()
-  _say(f"done: checkpoints in {ckpt.directory}, metrics in {writer.path}")
-  return {"state": state, "history": history, "first_step": first_step}
+  if preempted is None:
+    _say(f"done: checkpoints in {ckpt.directory}, metrics in {writer.path}")
+  return {"state": state, "history": history, "first_step": first_step, "preempted": preempted}

@@ -12,12 +12,14 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
 
 class MetricAccumulator:
-  """Averages each scalar the step reports over the steps since the last `compute`.
+  """Averages each scalar the step reports over the steps since the last `compute`; a step whose
+  `nonfinite` flag is set (an update skipped under train.on_nonfinite=skip) is left out.
 
   The clu collection is merged inside one jitted function per step: merged eagerly, each of the
   ~30 `Average`s costs a handful of op dispatches per step (1.2 s per step on 8 fake CPU devices,
@@ -26,18 +28,23 @@ class MetricAccumulator:
   def __init__(self):
     self._collection = None
     self._cls = None
-    self._first = self._merge = None
+    self._merge = None
 
   def update(self, step_metrics: dict[str, jax.Array]) -> None:
     if self._cls is None:
       cls = self._cls = clu_metrics.Collection.create(
           **{k: clu_metrics.Average.from_output(k) for k in sorted(step_metrics)})
-      self._first = jax.jit(lambda m: cls.single_from_model_output(**m))
-      self._merge = jax.jit(lambda c, m: c.merge(cls.single_from_model_output(**m)))
+
+      def merge(collection, m):
+        merged = collection.merge(cls.single_from_model_output(**m))
+        if "nonfinite" not in m:
+          return merged
+        return jax.tree.map(lambda new, old: jnp.where(m["nonfinite"] == 0, new, old), merged, collection)
+
+      self._merge = jax.jit(merge)
     if self._collection is None:
-      self._collection = self._first(dict(step_metrics))
-    else:
-      self._collection = self._merge(self._collection, dict(step_metrics))
+      self._collection = self._cls.empty()
+    self._collection = self._merge(self._collection, dict(step_metrics))
 
   def compute(self) -> dict[str, float]:
     if self._collection is None:

@@ -68,18 +68,29 @@ def _step_rng_and_weights(step: jax.Array, seed: int, loss_cfg: ml_collections.C
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-                    seed: int, stage_starts: tuple[int, int] = (0, 0)
+                    seed: int, stage_starts: tuple[int, int] = (0, 0), *, skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+  """The train step. Its metrics carry `nonfinite` (1.0 when the loss or the gradient norm is
+  not finite); with `skip_nonfinite` such a step leaves params and optimizer state as they were
+  (the step count still advances, so data and dropout move on)."""
   loss_fn = make_loss_fn(model, loss_cfg)
 
   def train_step(state: TrainState, batch: Batch, prompts: jax.Array):
     rng, weights = _step_rng_and_weights(state.step, seed, loss_cfg, stage_starts)
     trainable, frozen = split_frozen(state.params, state.frozen)
-    (_, metrics), grads = jax.value_and_grad(
+    (loss, metrics), grads = jax.value_and_grad(
         lambda p: loss_fn({**p, **frozen}, batch, prompts, rng, True, weights), has_aux=True)(trainable)
+    l2_grads = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics["l2_grads"] = optax.tree.norm(grads)  # before clipping
+    new_trainable = optax.apply_updates(trainable, updates)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      new_trainable = jax.tree.map(keep, new_trainable, trainable)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    trainable = new_trainable
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    metrics["l2_grads"] = l2_grads  # before clipping
     metrics["l2_params"] = optax.tree.norm(trainable)
     metrics["l2_updates"] = optax.tree.norm(updates)
     metrics.update({f"weight_{k.removesuffix('_weight')}": v for k, v in weights.items() if k != "stage"})

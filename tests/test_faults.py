@@ -1,0 +1,207 @@
+"""Faults a long run meets: bad config or workdir, SIGTERM, non-finite steps, a failing save, a hang.
+
+Every run here is the tiny config on drawn shapes, one device, the same shapes: the session's
+compilation cache compiles its step once for the whole battery (twice with on_nonfinite=skip).
+"""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from avlm_jax.train import checkpoint, faults
+from avlm_jax.train import loop as train_loop
+from avlm_jax.train.loop import train_and_evaluate
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(synthetic_dir, **overrides):
+  base = {"data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 6, "log_every": 3,
+          "checkpoint_every": 2}
+  return tiny_config(**{**base, **overrides})
+
+
+def _train(cfg, workdir):
+  return train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture
+def poison_batches(monkeypatch):
+  """poison_batches({3, 4}): the boxes of those batches (1-based step numbers) become NaN, so
+  those steps' losses and gradients are NaN, without changing what is compiled."""
+  def install(steps):
+    prepare, calls = train_loop.Trainer.prepare, {"n": 0}
+
+    def poisoned(self, local):
+      calls["n"] += 1
+      if calls["n"] in steps:
+        local = {**local, "boxes": np.full_like(local["boxes"], np.nan)}
+      return prepare(self, local)
+
+    monkeypatch.setattr(train_loop.Trainer, "prepare", poisoned)
+  return install
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("total_steps", -5, "config.total_steps=-5: must be a positive integer"),
+    ("total_steps", 0, "config.total_steps=0"),
+    ("checkpoint_every", 0, "config.checkpoint_every=0"),
+    ("log_every", 0, "config.log_every=0"),
+    ("train.on_nonfinite", "ignore", "config.train.on_nonfinite='ignore': expected one of stop, skip"),
+    ("train.step_timeout_s", -1.0, "config.train.step_timeout_s=-1.0"),
+])
+def test_a_bad_config_value_is_named_before_anything_is_built(synthetic_dir, tmp_path, monkeypatch, key,
+                                                                 value, message):
+  monkeypatch.setattr(train_loop, "build_trainer", lambda *a, **k: pytest.fail("built before the check"))
+  with pytest.raises(faults.RunConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    _train(_config(synthetic_dir, **{key: value}), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_unwritable_workdir_is_named_before_anything_is_built(synthetic_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(train_loop, "build_trainer", lambda *a, **k: pytest.fail("built before the check"))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(faults.RunConfigError, match=f"workdir {blocker}/run is not writable"):
+    _train(_config(synthetic_dir), blocker / "run")
+
+
+def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(synthetic_dir, tmp_path, monkeypatch):
+  cfg = _config(synthetic_dir, checkpoint_every=4)
+  whole = _train(cfg, tmp_path / "whole")
+  assert whole["preempted"] is None
+
+  update, calls = train_loop.train_metrics.MetricAccumulator.update, {"n": 0}
+  handler = signal.getsignal(signal.SIGTERM)
+
+  def update_then_preempt(self, metrics):  # SIGTERM arrives while step 3 runs
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return update(self, metrics)
+
+  monkeypatch.setattr(train_loop.train_metrics.MetricAccumulator, "update", update_then_preempt)
+  first = _train(cfg, tmp_path / "split")
+  monkeypatch.undo()
+  assert first["preempted"] == 3 and int(first["state"].step) == 3
+  assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["3"]  # saved off the usual cadence
+  assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
+  second = _train(cfg, tmp_path / "split")
+  assert second["first_step"] == 3 and int(second["state"].step) == 6
+  _assert_same_params(whole["state"], second["state"])
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+
+
+def test_a_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_saved(synthetic_dir, tmp_path, poison_batches):
+  poison_batches({5})
+  cfg = _config(synthetic_dir, total_steps=8)
+  with pytest.raises(faults.NonFiniteError) as e:
+    _train(cfg, tmp_path)
+  message = str(e.value)
+  assert "\n" not in message and message.startswith("step 5: non-finite loss, ")
+  assert "loss_l1" in message and "the last good checkpoint is step 4" in message
+  assert _checkpoint_steps(tmp_path) == [2, 4]
+  # The rerun (the data problem gone) resumes from the last good step and finishes.
+  poison_batches(set())
+  out = _train(cfg, tmp_path)
+  assert out["first_step"] == 4 and int(out["state"].step) == 8
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"].params))
+
+
+def test_skip_drops_the_update_counts_it_and_stops_past_the_limit(synthetic_dir, tmp_path, poison_batches):
+  cfg = _config(synthetic_dir, **{"train.on_nonfinite": "skip", "train.max_nonfinite_skips": 1})
+  poison_batches({2})
+  out = _train(cfg, tmp_path / "one")
+  assert int(out["state"].step) == 6
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"].params))
+  logged = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+  assert [l["nonfinite_skipped"] for l in logged] == [1.0, 1.0]
+  assert all(np.isfinite(l["loss"]) for l in logged)  # the skipped step is left out of the averages
+
+  poison_batches({2, 3})
+  with pytest.raises(faults.NonFiniteError, match=r"step 3: .* after 1 skipped steps \(train.max_nonfinite_skips=1\)"):
+    _train(cfg, tmp_path / "two")
+  assert _checkpoint_steps(tmp_path / "two") == [2]  # step 2's state is step 1's: finite
+
+
+def test_a_skipped_step_leaves_params_and_optimizer_state_unchanged(synthetic_dir, tmp_path, poison_batches):
+  """With skip, a NaN step is the identity on params and Adam state: stopping right after it gives
+  the state of the step before."""
+  cfg = _config(synthetic_dir, **{"train.on_nonfinite": "skip", "train.max_nonfinite_skips": 1})
+  before = train_and_evaluate(cfg, str(tmp_path / "a"), devices=jax.devices()[:1], stop_after=1)
+  poison_batches({2})
+  after = train_and_evaluate(cfg, str(tmp_path / "b"), devices=jax.devices()[:1], stop_after=2)
+  assert int(after["state"].step) == 2
+  _assert_same_params(before["state"], after["state"])
+  for x, y in zip(jax.tree.leaves(before["state"].opt_state), jax.tree.leaves(after["state"].opt_state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_survives(synthetic_dir, tmp_path,
+                                                                                    monkeypatch):
+  cfg = _config(synthetic_dir)
+  save, calls = checkpoint.ocp.CheckpointManager.save, {"n": 0}
+
+  def disk_full_on_the_second_save(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", disk_full_on_the_second_save)
+  with pytest.raises(checkpoint.CheckpointSaveError) as e:
+    _train(cfg, tmp_path)
+  message = str(e.value)
+  assert "\n" not in message and "No space left on device" in message
+  assert "the earlier checkpoints there are intact (latest complete: step 2)" in message
+  monkeypatch.undo()
+  out = _train(cfg, tmp_path)  # the rerun resumes from step 2
+  assert out["first_step"] == 2 and int(out["state"].step) == 6
+
+
+_STUCK = r"""
+import os, sys, time
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_disable_most_optimizations", True)
+sys.path.insert(0, {root!r})
+from avlm_jax.train import loop
+from tests.conftest import tiny_config
+prepare, calls = loop.Trainer.prepare, {{"n": 0}}
+def stuck_on_the_third(self, local):
+  calls["n"] += 1
+  if calls["n"] == 3:
+    time.sleep(10**6)  # an input pipeline that never answers
+  return prepare(self, local)
+loop.Trainer.prepare = stuck_on_the_third
+cfg = tiny_config(**{{"data.kind": "array_record", "data.dir": {data!r}, "total_steps": 6, "log_every": 3,
+                      "checkpoint_every": 2, "train.step_timeout_s": 3.0}})
+loop.train_and_evaluate(cfg, {workdir!r}, devices=jax.devices()[:1])
+"""
+
+
+def test_the_watchdog_ends_a_run_whose_input_pipeline_hangs(synthetic_dir, tmp_path):
+  script = _STUCK.format(root=ROOT, data=synthetic_dir, workdir=str(tmp_path))
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == faults.WATCHDOG_EXIT_CODE, done.stderr[-3000:]
+  assert "error: no step finished for" in done.stderr and "after step 1" in done.stderr
+  assert "train.step_timeout_s=3" in done.stderr
+  assert "stuck_on_the_third" in done.stderr  # the dumped stacks show where it hangs
