@@ -175,6 +175,26 @@ def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_surviv
   assert out["first_step"] == 2 and int(out["state"].step) == 6
 
 
+def test_an_unreadable_newest_checkpoint_is_named_set_aside_and_the_run_falls_back(synthetic_dir, tmp_path, capsys):
+  cfg = _config(synthetic_dir)
+  _train(cfg, tmp_path)
+  assert _checkpoint_steps(tmp_path) == [2, 4, 6]
+  state_dir = tmp_path / "checkpoints" / "6" / "state"
+  for root, _, files in os.walk(state_dir):  # a failing disk: every file of step 6's state cut short
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+  capsys.readouterr()
+  out = _train(_config(synthetic_dir, total_steps=8), tmp_path)
+  said = capsys.readouterr().out
+  assert f"warning: checkpoint {tmp_path}/checkpoints/6 cannot be read" in said
+  assert f"moved to {tmp_path}/checkpoints/6.unreadable" in said
+  assert out["first_step"] == 4 and int(out["state"].step) == 8
+  assert (tmp_path / "checkpoints" / "6.unreadable" / "state").is_dir()  # kept, not deleted
+  assert _checkpoint_steps(tmp_path) == [4, 6, 8]  # step 6 saved again, then 8 (max_checkpoints=3)
+
+
 _STUCK = r"""
 import os, sys, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

@@ -135,6 +135,49 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001: whatever the writer raised, named in one line
       raise self._save_error(e) from None
 
+  def newest_readable_config(self, config: dict, say) -> int:
+    """The newest step whose saved config can be read (0: none), checked against `config` (cheap: run
+    it before building anything). A step that cannot be read is named and set aside."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        self.check_config(step, config)
+        return step
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001: a damaged step, whatever the reader raises
+        self.set_aside(step, e, say)
+    return 0
+
+  def restore_newest(self, abstract_state: Any, data_iter: Any, config: dict, say) -> tuple[int, Any]:
+    """(step, state) of the newest step that restores; (0, None) when none does. A step that
+    cannot be read (truncated by a failing disk, a half-copied folder) is named and set aside."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, data_iter, config)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001
+        self.set_aside(step, e, say)
+    return 0, None
+
+  def set_aside(self, step: int, error: BaseException, say) -> None:
+    """Rename an unreadable step folder to `<step>.unreadable` (nothing is deleted), so training
+    can save that step again."""
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.unreadable"
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.unreadable{n}"
+    if jax.process_index() == 0:  # one process renames; the others wait for it
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self.manager.reload()
+    say(f"warning: checkpoint {src} cannot be read ({_one_line(error)}); moved to {dst}, falling back "
+        "to the step before it")
+
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()

@@ -176,14 +176,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   faults.check_workdir(workdir)
   config_json = json.loads(config.to_json())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
-  first_step = ckpt.latest_step() or 0
-  if first_step:  # a checkpoint of another config stops the run before any compile
-    ckpt.check_config(first_step, config_json)
+  # A checkpoint of another config stops the run before any compile; an unreadable one is set aside.
+  first_step = ckpt.newest_readable_config(config_json, _say)
   trainer = build_trainer(config, workdir, devices)
   data_iter = trainer.data_iter
 
   if first_step:
-    state = ckpt.restore(first_step, trainer.plan.abstract, data_iter, config_json)
+    first_step, state = ckpt.restore_newest(trainer.plan.abstract, data_iter, config_json, _say)
+  if first_step:
     _say(f"resumed from {ckpt.directory}/{first_step}")
   else:
     state = trainer.plan.initialize(jax.random.key(config.seed))
