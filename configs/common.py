@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Global batches prepared ahead in a background thread (with a frozen text tower this includes
   # encoding new texts), overlapping the device step; 0 prepares each batch inline.
   c.data.prefetch = 2
+  # Records that do not decode: 0 stops at the first (named by shard and index); N > 0 skips up to N
+  # distinct ones (the next record takes the slot), listed in <workdir>/bad_records.jsonl and
+  # counted as `bad_records` in the metrics; one more stops the run.
+  c.data.max_bad_records = 0
   # The paper's region-text sampling (data_pipelines/region_text_sampling.py); off = raw phrases.
   # Every slot gets a true statement (its positive; normal regions too, unless normal_regions=False)
   # and a false one (an extra candidate, NegCLIP-style, unless false_texts=False); perturb_prob:

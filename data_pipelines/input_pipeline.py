@@ -15,8 +15,9 @@
 from __future__ import annotations
 
 import bisect
-import os
 import io
+import json
+import os
 from typing import Sequence
 
 import grain
@@ -103,23 +104,61 @@ def xyxy_to_normalized_cxcywh(boxes: np.ndarray, size: int) -> np.ndarray:
                   axis=-1).astype(np.float32)
 
 
+class BadRecordLog:
+  """The ledger of records a run skipped: one JSON line per distinct bad record (shard, index,
+  reason) in `path`, shared by every process and worker that appends to it. Past `limit`
+  distinct records the next one raises RecordError naming the ledger."""
+
+  def __init__(self, path: str, limit: int):
+    self.path, self.limit = path, limit
+
+  def entries(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def add(self, shard: str, index: int, reason: str) -> None:
+    seen = self.entries()
+    if any(e["shard"] == shard and e["index"] == index for e in seen):
+      return  # the same record met again (another epoch)
+    if len(seen) >= self.limit:
+      raise schema.RecordError(f"{os.path.basename(shard)}, record {index}: {reason}; that is one bad record "
+                               f"more than data.max_bad_records={self.limit} (the others are listed in "
+                               f"{self.path})")
+    with open(self.path, "a") as f:  # one short line per append: whole under O_APPEND
+      f.write(json.dumps({"shard": shard, "index": index, "reason": reason}) + "\n")
+
+
 class DecodeTriple(grain.transforms.Map):
   """`(index, bytes)` -> one example: image (S, S, 1) uint8; boxes (R, 4) normalised cxcywh;
-  box_present (R,) bool; labels (C,) float32; phrases (R strings, '' = none)."""
+  box_present (R,) bool; labels (C,) float32; phrases (R strings, '' = none).
 
-  def __init__(self, source: TripleSource, *, image_size: int, label_names: Sequence[str]):
+  A record that does not decode raises RecordError naming shard and index; with `bad_records`
+  it is listed there instead and the next record that decodes takes its place (a pure function
+  of the index, so batches keep their shape and a resumed run sees the same data)."""
+
+  def __init__(self, source: TripleSource, *, image_size: int, label_names: Sequence[str],
+               bad_records: BadRecordLog | None = None):
     self.source = source
     self.image_size = image_size
     self.label_names = list(label_names)
     self._label_index = {n: i for i, n in enumerate(self.label_names)}
+    self.bad_records = bad_records
 
   def map(self, element: tuple[int, bytes]) -> dict[str, np.ndarray]:
     index, raw = element
-    try:
-      return self._decode(raw)
-    except (schema.RecordError, OSError, ValueError, KeyError) as e:
-      shard, local = self.source.locate(index)
-      raise schema.RecordError(f"{shard}, record {local}: {e}") from e
+    for attempt in range(len(self.source)):
+      try:
+        return self._decode(raw)
+      except (schema.RecordError, OSError, ValueError, KeyError) as e:
+        shard, local = self.source.locate(index)
+        if self.bad_records is None:
+          raise schema.RecordError(f"{shard}, record {local}: {e}") from e
+        self.bad_records.add(shard, local, " ".join(str(e).split())[:300])
+      index = (index + 1) % len(self.source)
+      _, raw = self.source[index]
+    raise schema.RecordError(f"no record of {self.source.paths} decodes")
 
   def _decode(self, raw: bytes) -> dict[str, np.ndarray]:
     t = schema.decode(raw)
@@ -183,17 +222,19 @@ def make_dataset(paths: Sequence[str], *, seed: int, local_batch_size: int, imag
                  tokenizer: TextTokenizer, max_phrase_len: int, label_names: Sequence[str],
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                  num_epochs: int | None = None,
-                 text_sampling: SamplingOptions | None = None) -> grain.MapDataset:
+                 text_sampling: SamplingOptions | None = None,
+                 bad_records: BadRecordLog | None = None) -> grain.MapDataset:
   """The per-process batched MapDataset (see module docstring).
 
   `text_sampling` switches on the paper's region-text sampling; None uses the record's phrases.
+  `bad_records`: skip records that do not decode, listed there (None: the first one stops).
   """
   source = TripleSource(paths)
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds.map(DecodeTriple(source, image_size=image_size, label_names=label_names))
+  ds = ds.map(DecodeTriple(source, image_size=image_size, label_names=label_names, bad_records=bad_records))
   if text_sampling is not None:
     ds = ds.random_map(SampleRegionTexts(text_sampling), seed=seed)
   # Slice after the random map (lazily: each process still decodes only its own records), so an

@@ -25,13 +25,14 @@ def main():
   from avlm_jax.train.checkpoint import CheckpointSaveError, IncompatibleCheckpointError
   from avlm_jax.train.faults import NonFiniteError, RunConfigError
   from avlm_jax.train.loop import train_and_evaluate
+  from data_pipelines.schema import RecordError
 
   try:
     check_config_keys(_CONFIG.value, common.base_config())
     distributed.initialize(_CONFIG.value.distributed)  # multi-process runs only; before any device use
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # SIGTERM: saves, says so, returns (exit 0)
   except (KeyError, IncompatibleCheckpointError, distributed.CoordinatorUnreachableError, RunConfigError,
-          NonFiniteError, CheckpointSaveError) as e:
+          NonFiniteError, CheckpointSaveError, RecordError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
 

@@ -62,6 +62,7 @@ def poison_batches(monkeypatch):
     ("log_every", 0, "config.log_every=0"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite='ignore': expected one of stop, skip"),
     ("train.step_timeout_s", -1.0, "config.train.step_timeout_s=-1.0"),
+    ("data.max_bad_records", -1, "config.data.max_bad_records=-1: must be >= 0"),
 ])
 def test_a_bad_config_value_is_named_before_anything_is_built(synthetic_dir, tmp_path, monkeypatch, key,
                                                                  value, message):
@@ -193,6 +194,58 @@ def test_an_unreadable_newest_checkpoint_is_named_set_aside_and_the_run_falls_ba
   assert out["first_step"] == 4 and int(out["state"].step) == 8
   assert (tmp_path / "checkpoints" / "6.unreadable" / "state").is_dir()  # kept, not deleted
   assert _checkpoint_steps(tmp_path) == [4, 6, 8]  # step 6 saved again, then 8 (max_checkpoints=3)
+
+
+def _corpus_with_bad_records(synthetic_dir, tmp_path):
+  """The session's shapes corpus plus one shard of 3 bad records (bytes that are not a record, a
+  truncated PNG, an inverted box written by other code) and 1 good one."""
+  import shutil
+
+  import flax
+  from array_record.python import array_record_module
+
+  from data_pipelines import schema, synthetic_shapes
+
+  data = tmp_path / "data"
+  shutil.copytree(synthetic_dir, data)
+  t = synthetic_shapes.make_triple(0, "train", 1000)
+  truncated = synthetic_shapes.make_triple(0, "train", 1001)
+  truncated.image = truncated.image[:40]
+  inverted = {"version": schema.SCHEMA_VERSION, "id": "inverted", "image": t.image, "report": t.report,
+              "boxes": np.where(np.arange(4) == 0, 1e3, t.boxes).astype(np.float32),
+              "box_present": np.ones(29, bool), "phrases": list(t.phrases), "findings": list(t.findings)}
+  w = array_record_module.ArrayRecordWriter(str(data / "train-99999-of-99999.array_record"), "group_size:1")
+  for raw in (b"not a record", schema.encode(truncated), flax.serialization.msgpack_serialize(inverted),
+              schema.encode(t)):
+    w.write(raw)
+  w.close()
+  return str(data)
+
+
+def test_bad_records_below_the_limit_are_skipped_listed_and_counted(synthetic_dir, tmp_path):
+  data = _corpus_with_bad_records(synthetic_dir, tmp_path)
+  cfg = _config(data, **{"data.max_bad_records": 3})  # 6 steps × 16 > 68 records: every one is read
+  out = _train(cfg, tmp_path / "run")
+  assert int(out["state"].step) == 6
+  listed = [json.loads(l) for l in open(tmp_path / "run" / "bad_records.jsonl")]
+  assert sorted(e["index"] for e in listed) == [0, 1, 2]
+  assert {os.path.basename(e["shard"]) for e in listed} == {"train-99999-of-99999.array_record"}
+  reasons = " | ".join(e["reason"] for e in sorted(listed, key=lambda e: e["index"]))
+  assert "not a msgpack" in reasons and "image does not decode" in reasons and "is inverted" in reasons
+  logged = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert logged[-1]["bad_records"] == 3.0
+
+
+def test_one_bad_record_past_the_limit_stops_the_run_in_one_line(synthetic_dir, tmp_path):
+  from data_pipelines import schema
+
+  data = _corpus_with_bad_records(synthetic_dir, tmp_path)
+  with pytest.raises(schema.RecordError) as e:
+    _train(_config(data, **{"data.max_bad_records": 2}), tmp_path / "run")
+  message = str(e.value)
+  assert "\n" not in message and "train-99999-of-99999.array_record, record " in message
+  assert f"one bad record more than data.max_bad_records=2 (the others are listed in {tmp_path}/run/bad_records.jsonl)" in message
+  assert len(open(tmp_path / "run" / "bad_records.jsonl").readlines()) == 2
 
 
 _STUCK = r"""

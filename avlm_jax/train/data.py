@@ -46,14 +46,23 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[st
   return data_dir, TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokenizer: TextTokenizer):
+def bad_record_log(config: ml_collections.ConfigDict, workdir: str) -> input_pipeline.BadRecordLog | None:
+  """`<workdir>/bad_records.jsonl` when config.data.max_bad_records > 0 (0: the first bad record stops)."""
+  if config.data.max_bad_records <= 0:
+    return None
+  return input_pipeline.BadRecordLog(os.path.join(workdir, "bad_records.jsonl"), config.data.max_bad_records)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokenizer: TextTokenizer,
+                        workdir: str | None = None):
   """This process's checkpointable iterator of local numpy batches."""
   ds = input_pipeline.make_dataset(
       schema.shard_paths(data_dir, "train"), seed=config.seed,
       local_batch_size=config.batch_size // jax.process_count(), image_size=config.data.image_size,
       tokenizer=tokenizer, max_phrase_len=config.data.max_phrase_len, label_names=config.labels,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      text_sampling=text_sampling_options(config))
+      text_sampling=text_sampling_options(config),
+      bad_records=bad_record_log(config, workdir) if workdir else None)
   return input_pipeline.make_iterator(ds, num_threads=config.data.num_threads,
                                       num_workers=config.data.num_workers)
 

@@ -49,6 +49,9 @@ def check_run_config(config) -> None:
 
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "max_checkpoints"):
     positive_int(key, config[key])
+  if isinstance(config.data.max_bad_records, bool) or config.data.max_bad_records < 0:
+    raise RunConfigError(f"config.data.max_bad_records={config.data.max_bad_records!r}: must be >= 0 "
+                         "(0: the first bad record stops the run)")
   train = config.train
   if train.on_nonfinite not in NONFINITE_POLICIES:
     raise RunConfigError(f"config.train.on_nonfinite={train.on_nonfinite!r}: expected one of "

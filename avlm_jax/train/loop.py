@@ -117,7 +117,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
        f"preset {config.sharding.preset!r}")
 
   data_dir, tokenizer = train_data.prepare_dataset(config, workdir)
-  source = train_data.make_train_iterator(config, data_dir, tokenizer)
+  source = train_data.make_train_iterator(config, data_dir, tokenizer, workdir)
   prompts = tokenizer(train_data.label_prompt_texts(config), config.data.max_prompt_len)
 
   pretrained.check_text_config(config.model.text, tokenizer.vocab_size)
@@ -204,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   guard = faults.NonFiniteGuard(config.train.on_nonfinite, config.train.max_nonfinite_skips,
                                 last_good=first_step or None)
   watchdog = faults.Watchdog(config.train.step_timeout_s)
+  bad_records = train_data.bad_record_log(config, workdir)
   preempted = None
   try:
     with faults.Preemption() as preemption:
@@ -232,6 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           guard.flush()
           scalars = accum.compute()
           scalars.update(signal or {})
+          if bad_records is not None:
+            scalars["bad_records"] = float(len(bad_records.entries()))
           if guard.policy == "skip":
             scalars["nonfinite_skipped"] = float(guard.skipped)
           else:
