@@ -248,6 +248,16 @@ def test_one_bad_record_past_the_limit_stops_the_run_in_one_line(synthetic_dir, 
   assert len(open(tmp_path / "run" / "bad_records.jsonl").readlines()) == 2
 
 
+def test_raising_the_bad_record_limit_lets_a_stopped_run_resume():
+  """After a stop past data.max_bad_records the user raises the limit and reruns: the workdir's
+  checkpoint (even one written before the key existed) must not be refused for it."""
+  from avlm_jax.train.checkpoint import config_differences
+
+  saved = json.loads(tiny_config().to_json())
+  del saved["data"]["max_bad_records"]
+  assert config_differences(saved, json.loads(tiny_config(**{"data.max_bad_records": 5}).to_json())) == []
+
+
 _STUCK = r"""
 import os, sys, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

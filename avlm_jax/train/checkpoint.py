@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
 # Keys under RESUME_KEYS that may change freely between runs (throughput knobs). Not
 # `data.num_workers`: Grain's in-process and multi-worker iterators save different states.
-RESUME_FREE = ("data.num_threads", "data.prefetch")
+RESUME_FREE = ("data.num_threads", "data.prefetch",
+               "data.max_bad_records")  # raising the limit after a stop must let the run go on
 # Keys added after checkpoints were already written, with the value older checkpoints implied.
 ADDED_KEYS = {"model.image.anatomy_tokens": True, "model.image.pool": "cls",
               "model.separate_text_projections": False}
