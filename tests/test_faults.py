@@ -105,6 +105,20 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(synthe
   _assert_same_params(whole["state"], second["state"])
 
 
+def test_a_checkpoint_restores_onto_another_mesh(synthetic_dir, tmp_path):
+  """A pod that comes back smaller: 8 devices (fsdp 2 × data 4) save, 2 devices (data parallel)
+  restore the same values, resharded."""
+  base = {"log_every": 1, "checkpoint_every": 3}  # as test_exact_resume_on_fsdp_mesh: its compile is cached
+  first = train_and_evaluate(_config(synthetic_dir, **base, **{"mesh.fsdp": 2, "sharding.preset": "fsdp"}),
+                             str(tmp_path), stop_after=3)
+  devices = jax.devices()[:2]
+  again = train_and_evaluate(_config(synthetic_dir, **base), str(tmp_path), devices=devices, stop_after=0)
+  assert again["first_step"] == 3 and int(again["state"].step) == 3
+  for a, b in zip(jax.tree.leaves(first["state"]), jax.tree.leaves(again["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(set(x.sharding.device_set) == set(devices) for x in jax.tree.leaves(again["state"].params))
+
+
 def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
 
