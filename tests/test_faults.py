@@ -302,3 +302,38 @@ def test_the_watchdog_ends_a_run_whose_input_pipeline_hangs(synthetic_dir, tmp_p
   assert "error: no step finished for" in done.stderr and "after step 1" in done.stderr
   assert "train.step_timeout_s=3" in done.stderr
   assert "stuck_on_the_third" in done.stderr  # the dumped stacks show where it hangs
+
+
+_KILLED_IN_SAVE = r"""
+import os, signal, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_disable_most_optimizations", True)
+sys.path.insert(0, {root!r})
+from avlm_jax.train import checkpoint, loop
+from tests.conftest import tiny_config
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+  out = save(self, step, *args, **kwargs)
+  if step == 4:  # the write of step 4 is under way in the background: kill -9 now
+    os.kill(os.getpid(), signal.SIGKILL)
+  return out
+checkpoint.Checkpointer.save = save_then_die
+cfg = tiny_config(**{{"data.kind": "array_record", "data.dir": {data!r}, "total_steps": 6, "log_every": 3,
+                      "checkpoint_every": 2}})
+loop.train_and_evaluate(cfg, {workdir!r}, devices=jax.devices()[:1])
+"""
+
+
+def test_kill_9_during_a_save_then_rerun_is_bit_identical(synthetic_dir, tmp_path):
+  cfg = _config(synthetic_dir)
+  whole = _train(cfg, tmp_path / "whole")
+  script = _KILLED_IN_SAVE.format(root=ROOT, data=synthetic_dir, workdir=str(tmp_path / "killed"))
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+  out = _train(cfg, tmp_path / "killed")  # from step 4 if its write finished, else from step 2
+  assert out["first_step"] in (2, 4) and int(out["state"].step) == 6
+  _assert_same_params(whole["state"], out["state"])
+
