@@ -263,22 +263,27 @@ def test_cli_killed_part_way_resumes_with_two_workers(tmp_path):
          tree.imagenome, "--out", str(tmp_path / "out"), "--image_size", "40", "--pad", "--shard_size", "2",
          "--workers", "2"]
   env = {**os.environ, "PYTHONPATH": ROOT}
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          start_new_session=True)
+  # stderr goes to a file so it can be read while the process runs: the manifest is written just
+  # before the shard's progress line, so both are waited for.
+  err_path = tmp_path / "stderr.txt"
+  with open(err_path, "wb") as err_file:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file,
+                            start_new_session=True)
   manifest_path = tmp_path / "out" / "manifest.json"
   try:
     deadline = time.time() + 120
     while time.time() < deadline:
-      if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) == 4:
+      if (manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) == 4
+          and "shards 4/5" in err_path.read_text()):
         break
-      assert proc.poll() is None, proc.communicate()
+      assert proc.poll() is None, err_path.read_text()
       time.sleep(0.1)
     else:
-      pytest.fail("the conversion did not reach its blocked shard")
+      pytest.fail("the conversion did not reach its blocked shard: " + err_path.read_text())
   finally:
     os.killpg(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate()
-  assert "shards 4/5" in err.decode() and "ETA" in err.decode()
+    proc.wait()
+  assert "ETA" in err_path.read_text()
   assert not os.path.exists(tmp_path / "out" / schema.INFO_FILE)  # never finished
   os.remove(blocked)
   open(blocked, "wb").write(jpeg)
