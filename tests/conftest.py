@@ -31,6 +31,16 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def compiled_steps():
+  """Train steps compiled by one test, reused by later runs in this pytest process that compile
+  the same step (`train_and_evaluate(..., compiled=...)`): a reuse skips tracing, lowering and
+  loading, which take tens of seconds on a CPU even when the persistent cache skips XLA."""
+  from avlm_jax.train.compiled_steps import CompiledSteps
+
+  return CompiledSteps()
+
+
+@pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
   """A small built-in corpus (train 64, validation 16) with its tokenizer."""
   from data_pipelines import synthetic_shapes

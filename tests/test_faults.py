@@ -1,7 +1,8 @@
 """Faults a long run meets: bad config or workdir, SIGTERM, non-finite steps, a failing save, a hang.
 
-Every run here is the tiny config on drawn shapes, one device, the same shapes: the session's
-compilation cache compiles its step once for the whole battery (twice with on_nonfinite=skip).
+Every run here is the tiny config on drawn shapes, one device, the same shapes: a pytest worker
+compiles its step once (`compiled_steps`) and reuses it for every run of the battery (a second
+one for on_nonfinite=skip, a third for the unreadable checkpoint's longer run).
 """
 
 import errno
@@ -29,8 +30,8 @@ def _config(synthetic_dir, **overrides):
   return tiny_config(**{**base, **overrides})
 
 
-def _train(cfg, workdir):
-  return train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
+def _train(cfg, workdir, compiled, **kwargs):
+  return train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1], compiled=compiled, **kwargs)
 
 
 def _assert_same_params(a, b):
@@ -65,24 +66,26 @@ def poison_batches(monkeypatch):
     ("data.max_bad_records", -1, "config.data.max_bad_records=-1: must be >= 0"),
 ])
 def test_a_bad_config_value_is_named_before_anything_is_built(synthetic_dir, tmp_path, monkeypatch, key,
-                                                                 value, message):
+                                                                 value, message, compiled_steps):
   monkeypatch.setattr(train_loop, "build_trainer", lambda *a, **k: pytest.fail("built before the check"))
   with pytest.raises(faults.RunConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-    _train(_config(synthetic_dir, **{key: value}), tmp_path)
+    _train(_config(synthetic_dir, **{key: value}), tmp_path, compiled_steps)
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_an_unwritable_workdir_is_named_before_anything_is_built(synthetic_dir, tmp_path, monkeypatch):
+def test_an_unwritable_workdir_is_named_before_anything_is_built(
+    synthetic_dir, tmp_path, monkeypatch, compiled_steps):
   monkeypatch.setattr(train_loop, "build_trainer", lambda *a, **k: pytest.fail("built before the check"))
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(faults.RunConfigError, match=f"workdir {blocker}/run is not writable"):
-    _train(_config(synthetic_dir), blocker / "run")
+    _train(_config(synthetic_dir), blocker / "run", compiled_steps)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(synthetic_dir, tmp_path, monkeypatch):
+def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(
+    synthetic_dir, tmp_path, monkeypatch, compiled_steps):
   cfg = _config(synthetic_dir, checkpoint_every=4)
-  whole = _train(cfg, tmp_path / "whole")
+  whole = _train(cfg, tmp_path / "whole", compiled_steps)
   assert whole["preempted"] is None
 
   update, calls = train_loop.train_metrics.MetricAccumulator.update, {"n": 0}
@@ -95,24 +98,25 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(synthe
     return update(self, metrics)
 
   monkeypatch.setattr(train_loop.train_metrics.MetricAccumulator, "update", update_then_preempt)
-  first = _train(cfg, tmp_path / "split")
+  first = _train(cfg, tmp_path / "split", compiled_steps)
   monkeypatch.undo()
   assert first["preempted"] == 3 and int(first["state"].step) == 3
   assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["3"]  # saved off the usual cadence
   assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
-  second = _train(cfg, tmp_path / "split")
+  second = _train(cfg, tmp_path / "split", compiled_steps)
   assert second["first_step"] == 3 and int(second["state"].step) == 6
   _assert_same_params(whole["state"], second["state"])
 
 
-def test_a_checkpoint_restores_onto_another_mesh(synthetic_dir, tmp_path):
+def test_a_checkpoint_restores_onto_another_mesh(synthetic_dir, tmp_path, compiled_steps):
   """A pod that comes back smaller: 8 devices (fsdp 2 × data 4) save, 2 devices (data parallel)
   restore the same values, resharded."""
   base = {"log_every": 1, "checkpoint_every": 3}  # as test_exact_resume_on_fsdp_mesh: its compile is cached
   first = train_and_evaluate(_config(synthetic_dir, **base, **{"mesh.fsdp": 2, "sharding.preset": "fsdp"}),
-                             str(tmp_path), stop_after=3)
+                             str(tmp_path), stop_after=3, compiled=compiled_steps)
   devices = jax.devices()[:2]
-  again = train_and_evaluate(_config(synthetic_dir, **base), str(tmp_path), devices=devices, stop_after=0)
+  again = train_and_evaluate(_config(synthetic_dir, **base), str(tmp_path), devices=devices, stop_after=0,
+                             compiled=compiled_steps)
   assert again["first_step"] == 3 and int(again["state"].step) == 3
   for a, b in zip(jax.tree.leaves(first["state"]), jax.tree.leaves(again["state"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -123,26 +127,28 @@ def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
 
 
-def test_a_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_saved(synthetic_dir, tmp_path, poison_batches):
+def test_a_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_saved(
+    synthetic_dir, tmp_path, poison_batches, compiled_steps):
   poison_batches({5})
-  cfg = _config(synthetic_dir, total_steps=8)
+  cfg = _config(synthetic_dir)
   with pytest.raises(faults.NonFiniteError) as e:
-    _train(cfg, tmp_path)
+    _train(cfg, tmp_path, compiled_steps)
   message = str(e.value)
   assert "\n" not in message and message.startswith("step 5: non-finite loss, ")
   assert "loss_l1" in message and "the last good checkpoint is step 4" in message
   assert _checkpoint_steps(tmp_path) == [2, 4]
   # The rerun (the data problem gone) resumes from the last good step and finishes.
   poison_batches(set())
-  out = _train(cfg, tmp_path)
-  assert out["first_step"] == 4 and int(out["state"].step) == 8
+  out = _train(cfg, tmp_path, compiled_steps)
+  assert out["first_step"] == 4 and int(out["state"].step) == 6
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"].params))
 
 
-def test_skip_drops_the_update_counts_it_and_stops_past_the_limit(synthetic_dir, tmp_path, poison_batches):
+def test_skip_drops_the_update_counts_it_and_stops_past_the_limit(
+    synthetic_dir, tmp_path, poison_batches, compiled_steps):
   cfg = _config(synthetic_dir, **{"train.on_nonfinite": "skip", "train.max_nonfinite_skips": 1})
   poison_batches({2})
-  out = _train(cfg, tmp_path / "one")
+  out = _train(cfg, tmp_path / "one", compiled_steps)
   assert int(out["state"].step) == 6
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"].params))
   logged = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
@@ -151,25 +157,26 @@ def test_skip_drops_the_update_counts_it_and_stops_past_the_limit(synthetic_dir,
 
   poison_batches({2, 3})
   with pytest.raises(faults.NonFiniteError, match=r"step 3: .* after 1 skipped steps \(train.max_nonfinite_skips=1\)"):
-    _train(cfg, tmp_path / "two")
+    _train(cfg, tmp_path / "two", compiled_steps)
   assert _checkpoint_steps(tmp_path / "two") == [2]  # step 2's state is step 1's: finite
 
 
-def test_a_skipped_step_leaves_params_and_optimizer_state_unchanged(synthetic_dir, tmp_path, poison_batches):
+def test_a_skipped_step_leaves_params_and_optimizer_state_unchanged(
+    synthetic_dir, tmp_path, poison_batches, compiled_steps):
   """With skip, a NaN step is the identity on params and Adam state: stopping right after it gives
   the state of the step before."""
   cfg = _config(synthetic_dir, **{"train.on_nonfinite": "skip", "train.max_nonfinite_skips": 1})
-  before = train_and_evaluate(cfg, str(tmp_path / "a"), devices=jax.devices()[:1], stop_after=1)
+  before = _train(cfg, tmp_path / "a", compiled_steps, stop_after=1)
   poison_batches({2})
-  after = train_and_evaluate(cfg, str(tmp_path / "b"), devices=jax.devices()[:1], stop_after=2)
+  after = _train(cfg, tmp_path / "b", compiled_steps, stop_after=2)
   assert int(after["state"].step) == 2
   _assert_same_params(before["state"], after["state"])
   for x, y in zip(jax.tree.leaves(before["state"].opt_state), jax.tree.leaves(after["state"].opt_state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_survives(synthetic_dir, tmp_path,
-                                                                                    monkeypatch):
+def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_survives(
+    synthetic_dir, tmp_path, monkeypatch, compiled_steps):
   cfg = _config(synthetic_dir)
   save, calls = checkpoint.ocp.CheckpointManager.save, {"n": 0}
 
@@ -181,18 +188,19 @@ def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_surviv
 
   monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", disk_full_on_the_second_save)
   with pytest.raises(checkpoint.CheckpointSaveError) as e:
-    _train(cfg, tmp_path)
+    _train(cfg, tmp_path, compiled_steps)
   message = str(e.value)
   assert "\n" not in message and "No space left on device" in message
   assert "the earlier checkpoints there are intact (latest complete: step 2)" in message
   monkeypatch.undo()
-  out = _train(cfg, tmp_path)  # the rerun resumes from step 2
+  out = _train(cfg, tmp_path, compiled_steps)  # the rerun resumes from step 2
   assert out["first_step"] == 2 and int(out["state"].step) == 6
 
 
-def test_an_unreadable_newest_checkpoint_is_named_set_aside_and_the_run_falls_back(synthetic_dir, tmp_path, capsys):
+def test_an_unreadable_newest_checkpoint_is_named_set_aside_and_the_run_falls_back(
+    synthetic_dir, tmp_path, capsys, compiled_steps):
   cfg = _config(synthetic_dir)
-  _train(cfg, tmp_path)
+  _train(cfg, tmp_path, compiled_steps)
   assert _checkpoint_steps(tmp_path) == [2, 4, 6]
   state_dir = tmp_path / "checkpoints" / "6" / "state"
   for root, _, files in os.walk(state_dir):  # a failing disk: every file of step 6's state cut short
@@ -201,7 +209,7 @@ def test_an_unreadable_newest_checkpoint_is_named_set_aside_and_the_run_falls_ba
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 3)
   capsys.readouterr()
-  out = _train(_config(synthetic_dir, total_steps=8), tmp_path)
+  out = _train(_config(synthetic_dir, total_steps=8), tmp_path, compiled_steps)
   said = capsys.readouterr().out
   assert f"warning: checkpoint {tmp_path}/checkpoints/6 cannot be read" in said
   assert f"moved to {tmp_path}/checkpoints/6.unreadable" in said
@@ -236,10 +244,10 @@ def _corpus_with_bad_records(synthetic_dir, tmp_path):
   return str(data)
 
 
-def test_bad_records_below_the_limit_are_skipped_listed_and_counted(synthetic_dir, tmp_path):
+def test_bad_records_below_the_limit_are_skipped_listed_and_counted(synthetic_dir, tmp_path, compiled_steps):
   data = _corpus_with_bad_records(synthetic_dir, tmp_path)
   cfg = _config(data, **{"data.max_bad_records": 3})  # 6 steps × 16 > 68 records: every one is read
-  out = _train(cfg, tmp_path / "run")
+  out = _train(cfg, tmp_path / "run", compiled_steps)
   assert int(out["state"].step) == 6
   listed = [json.loads(l) for l in open(tmp_path / "run" / "bad_records.jsonl")]
   assert sorted(e["index"] for e in listed) == [0, 1, 2]
@@ -250,12 +258,12 @@ def test_bad_records_below_the_limit_are_skipped_listed_and_counted(synthetic_di
   assert logged[-1]["bad_records"] == 3.0
 
 
-def test_one_bad_record_past_the_limit_stops_the_run_in_one_line(synthetic_dir, tmp_path):
+def test_one_bad_record_past_the_limit_stops_the_run_in_one_line(synthetic_dir, tmp_path, compiled_steps):
   from data_pipelines import schema
 
   data = _corpus_with_bad_records(synthetic_dir, tmp_path)
   with pytest.raises(schema.RecordError) as e:
-    _train(_config(data, **{"data.max_bad_records": 2}), tmp_path / "run")
+    _train(_config(data, **{"data.max_bad_records": 2}), tmp_path / "run", compiled_steps)
   message = str(e.value)
   assert "\n" not in message and "train-99999-of-99999.array_record, record " in message
   assert f"one bad record more than data.max_bad_records=2 (the others are listed in {tmp_path}/run/bad_records.jsonl)" in message
@@ -326,14 +334,14 @@ loop.train_and_evaluate(cfg, {workdir!r}, devices=jax.devices()[:1])
 """
 
 
-def test_kill_9_during_a_save_then_rerun_is_bit_identical(synthetic_dir, tmp_path):
+def test_kill_9_during_a_save_then_rerun_is_bit_identical(synthetic_dir, tmp_path, compiled_steps):
   cfg = _config(synthetic_dir)
-  whole = _train(cfg, tmp_path / "whole")
+  whole = _train(cfg, tmp_path / "whole", compiled_steps)
   script = _KILLED_IN_SAVE.format(root=ROOT, data=synthetic_dir, workdir=str(tmp_path / "killed"))
   done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-  out = _train(cfg, tmp_path / "killed")  # from step 4 if its write finished, else from step 2
+  out = _train(cfg, tmp_path / "killed", compiled_steps)  # from step 4 if its write finished, else from step 2
   assert out["first_step"] in (2, 4) and int(out["state"].step) == 6
   _assert_same_params(whole["state"], out["state"])
 

@@ -39,14 +39,14 @@ def test_tiny_run_loss_falls(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_exact_resume_on_fsdp_mesh(synthetic_dir, tmp_path):
+def test_exact_resume_on_fsdp_mesh(synthetic_dir, tmp_path, compiled_steps):
   """6 uninterrupted steps == 3 steps, a restart from the checkpoint, 3 more steps: bitwise."""
   cfg = _config(synthetic_dir, total_steps=6, checkpoint_every=3,
                 **{"mesh.fsdp": 2, "sharding.preset": "fsdp"})
-  whole = train_and_evaluate(cfg, str(tmp_path / "whole"))
-  first = train_and_evaluate(cfg, str(tmp_path / "split"), stop_after=3)
+  whole = train_and_evaluate(cfg, str(tmp_path / "whole"), compiled=compiled_steps)
+  first = train_and_evaluate(cfg, str(tmp_path / "split"), stop_after=3, compiled=compiled_steps)
   assert first["first_step"] == 0 and [h["step"] for h in first["history"]] == [1, 2, 3]
-  second = train_and_evaluate(cfg, str(tmp_path / "split"))
+  second = train_and_evaluate(cfg, str(tmp_path / "split"), compiled=compiled_steps)
   assert second["first_step"] == 3
   assert [h["loss"] for h in whole["history"][3:]] == [h["loss"] for h in second["history"]]
   assert int(second["state"].step) == 6
@@ -61,12 +61,13 @@ def test_exact_resume_on_fsdp_mesh(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_text_tower_and_three_stages(synthetic_dir, tmp_path):
+def test_frozen_text_tower_and_three_stages(synthetic_dir, tmp_path, compiled_steps):
   """Frozen tower + feature cache: text params never move, the image side does; stages switch on."""
   cfg = _config(synthetic_dir, total_steps=6, checkpoint_every=3,
                 **{"model.text.frozen": True, "stages.global_start": 2.0, "stages.fine_start": 4.0})
-  first = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2], stop_after=3)
-  second = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2])
+  first = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2], stop_after=3,
+                             compiled=compiled_steps)
+  second = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2], compiled=compiled_steps)
   stages = [h["stage"] for h in first["history"] + second["history"]]
   assert stages == [1, 1, 2, 2, 3, 3]
   weights = [(h["weight_global"], h["weight_fine"]) for h in first["history"] + second["history"]]

@@ -9,23 +9,21 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from avlm_jax import anatomy, sharding
+from avlm_jax import sharding
 from avlm_jax.losses import multiscale
-from avlm_jax.models.anatomy_vlm import build_model
 from avlm_jax.train import data as train_data
 from avlm_jax.train import faults
 from avlm_jax.train import metrics as train_metrics
 from avlm_jax.train.checkpoint import Checkpointer
-from avlm_jax.train import pretrained, schedule
+from avlm_jax.train import pretrained
+from avlm_jax.train.compiled_steps import CompiledSteps, compile_run, step_key
 from avlm_jax.train.prefetch import BatchPrefetcher
-from avlm_jax.train.state import StatePlan, make_optimizer, optimizer_groups
-from avlm_jax.train.step import compile_grad_signal, compile_train_step, make_grad_signal_fn, make_train_step
+from avlm_jax.train.state import StatePlan
 from avlm_jax.train.text_cache import TextFeatureCache
 
 
@@ -107,65 +105,50 @@ class Trainer:
     return {k: float(v) for k, v in jax.device_get(self._grad_signal(state, batch, self.prompts)).items()}
 
 
-def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Trainer:
+def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None,
+                  compiled: CompiledSteps | None = None) -> Trainer:
+  """The run's data, model and compiled step; the latter from `compiled` when it holds this step."""
   multiscale.check_weights(config.model, config.loss)
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices, config.mesh_dcn.to_dict())
-  rules = sharding.rules_for(config.sharding.preset)
   sharding.check_mesh_for_preset(mesh, config.sharding.preset, config.mesh_dcn.to_dict())
   check_batch_layout(config, mesh)
   _say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
        f"preset {config.sharding.preset!r}")
 
   data_dir, tokenizer = train_data.prepare_dataset(config, workdir)
-  source = train_data.make_train_iterator(config, data_dir, tokenizer, workdir)
   prompts = tokenizer(train_data.label_prompt_texts(config), config.data.max_prompt_len)
-
   pretrained.check_text_config(config.model.text, tokenizer.vocab_size)
-  model = build_model(config.model, tokenizer.vocab_size)
-  tx = make_optimizer(config.optimizer, config.total_steps, optimizer_groups(config.optimizer))
-  s = config.data.image_size
-
-  def init_params(rng):
-    images = jnp.zeros((1, s, s, 1), jnp.float32)
-    phrases = jnp.zeros((1, anatomy.NUM_REGIONS, config.data.max_phrase_len), jnp.int32)
-    return model.init({"params": rng}, images, phrases, jnp.asarray(prompts))["params"]
-
-  plan = StatePlan(init_params, tx, mesh, rules, frozen=("text",) if config.model.text.frozen else ())
-  for line in sharding.preset_warnings(jax.eval_shape(init_params, jax.random.key(0)), mesh, rules,
-                                       config.sharding.preset, config.sharding.warn_replicated_mib):
-    _say(f"warning: {line}")
-  if config.model.text.frozen:
-    prompt_spec = jax.ShapeDtypeStruct((len(config.labels), config.model.text.width), np.float32)
+  build = lambda: compile_run(config, tokenizer.vocab_size, prompts.shape, mesh, _say)  # noqa: E731
+  if compiled is None:
+    run = build()
   else:
-    prompt_spec = jax.ShapeDtypeStruct(prompts.shape, prompts.dtype)
-  starts = schedule.stage_starts(config.stages, config.total_steps)
-  t0 = time.perf_counter()
-  skip_nonfinite = config.train.on_nonfinite == "skip"  # the step itself drops such an update
-  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed, starts,
-                                               skip_nonfinite=skip_nonfinite),
-                               plan, train_data.batch_spec(config), prompt_spec)
-  compile_s = time.perf_counter() - t0
-  mem = step_fn.memory_analysis()
-  _say(f"compiled train step in {compile_s:.1f}s"
+    hits = compiled.hits
+    run = compiled.get(step_key(config, tokenizer.vocab_size, mesh), build)
+    if compiled.hits > hits:
+      _say("train step reused from this process's compiled steps")
+  mesh = run.mesh  # on a reuse: an equal mesh, the one the step's shardings name
+  mem = run.step_fn.memory_analysis()
+  _say(f"compiled train step in {run.compile_s:.1f}s"
        + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
-       + f"; stages: +global after step {starts[0]}, +fine after step {starts[1]}")
-  trainer = Trainer(config, mesh, model, None, prompts, plan, step_fn, compile_s,
-                    batch_keys=tuple(train_data.batch_spec(config)))
+       + f"; stages: +global after step {run.starts[0]}, +fine after step {run.starts[1]}")
+  source = train_data.make_train_iterator(config, data_dir, tokenizer, workdir)
+  trainer = Trainer(config, mesh, run.model, None, prompts, run.plan, run.step_fn, run.compile_s,
+                    batch_keys=run.batch_keys)
   if config.get("log_grad_signal", True):
-    trainer.make_grad_signal = lambda: compile_grad_signal(
-        make_grad_signal_fn(model, config.loss, config.seed, starts), plan, train_data.batch_spec(config),
-        prompt_spec)
+    trainer.make_grad_signal = run.grad_signal_fn
   trainer.data_iter = BatchPrefetcher(source, trainer.prepare, config.data.prefetch)
   return trainer
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: list | None = None, stop_after: int | None = None) -> dict[str, Any]:
+                       devices: list | None = None, stop_after: int | None = None,
+                       compiled: CompiledSteps | None = None) -> dict[str, Any]:
   """Train `config` in `workdir`; resume from its latest checkpoint if there is one.
 
   `devices` restricts the mesh to a subset of devices; `stop_after` ends this process after that
   many steps (checkpointing first), as a time-boxed job would; SIGTERM does the same at the next
-  step boundary (`faults.Preemption`).
+  step boundary (`faults.Preemption`). `compiled` (a `CompiledSteps`) reuses a train step that an
+  earlier run in this process compiled for the same shapes, and keeps this one for later runs.
   Returns `state` (the final TrainState), `history` (the logged scalars), `first_step` and
   `preempted` (the step saved on SIGTERM, else None). Raises, each with a one-line message:
   faults.RunConfigError (a config value or workdir that cannot work; before anything is built),
@@ -178,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
   # A checkpoint of another config stops the run before any compile; an unreadable one is set aside.
   first_step = ckpt.newest_readable_config(config_json, _say)
-  trainer = build_trainer(config, workdir, devices)
+  trainer = build_trainer(config, workdir, devices, compiled)
   data_iter = trainer.data_iter
 
   if first_step:

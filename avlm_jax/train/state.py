@@ -291,6 +291,7 @@ class StatePlan:
     self.mesh, self.rules = mesh, rules
     key = jax.random.key(0)
     boxed_params = jax.eval_shape(init_params, key)
+    self.boxed_params = boxed_params  # shapes with logical axis names (for preset warnings)
     abstract = jax.eval_shape(init_state, key)
     param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
     self.shardings = TrainState(
