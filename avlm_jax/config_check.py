@@ -5,6 +5,12 @@ from __future__ import annotations
 import ml_collections
 
 
+class ConfigValueError(ValueError):
+  """A config value this run cannot work with (a mesh that does not fit the devices, a batch that
+  does not divide, an unknown preset or data kind). The message names the key; entry points print
+  it as one line."""
+
+
 def _keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
   out: dict[str, object] = {}
   for k, v in c.items():

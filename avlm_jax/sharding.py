@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from avlm_jax.config_check import ConfigValueError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -67,15 +69,15 @@ def check_mesh_for_preset(mesh: Mesh, preset: str, dcn: dict[str, int] | None = 
   it only repeats work; `hybrid` needs its `data` axis across slices and nothing else there."""
   rules_for(preset)
   if mesh.shape["tensor"] != 1 and "tensor" not in SHARDED_AXES[preset]:
-    raise ValueError(f"config.mesh.tensor={mesh.shape['tensor']}, but preset {preset!r} maps nothing "
+    raise ConfigValueError(f"config.mesh.tensor={mesh.shape['tensor']}, but preset {preset!r} maps nothing "
                      f"to the 'tensor' axis; use tensor=1 or a tensor-parallel preset (tp, fsdp_tp, hybrid)")
   dcn = {a: int(v) for a, v in (dcn or {}).items()}
   across = {a: v for a, v in dcn.items() if v != 1}
   if preset == "hybrid" and (set(across) - {"data"} or not across):
-    raise ValueError(f"preset 'hybrid' puts only the data axis across slices: config.mesh_dcn={dcn}; "
+    raise ConfigValueError(f"preset 'hybrid' puts only the data axis across slices: config.mesh_dcn={dcn}; "
                      f"set mesh_dcn.data to the number of slices (> 1) and the other axes to 1")
   if preset != "hybrid" and across:
-    raise ValueError(f"config.mesh_dcn={dcn} spans several slices, which only preset 'hybrid' lays out; "
+    raise ConfigValueError(f"config.mesh_dcn={dcn} spans several slices, which only preset 'hybrid' lays out; "
                      f"preset is {preset!r}")
 
 
@@ -83,28 +85,28 @@ def rules_for(preset: str) -> tuple[tuple[str, Any], ...]:
   try:
     return RULES[preset]
   except KeyError:
-    raise ValueError(f"config.sharding.preset={preset!r}; known presets: {sorted(RULES)}") from None
+    raise ConfigValueError(f"config.sharding.preset={preset!r}; known presets: {sorted(RULES)}") from None
 
 
 def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   """Mesh axis sizes from the config (at most one -1, filled in) checked against the device count."""
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+    raise ConfigValueError(f"config.mesh has unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
   shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
   if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh ({described}) has more than one -1")
+    raise ConfigValueError(f"config.mesh ({described}) has more than one -1")
   if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"config.mesh ({described}) has a size that is not positive or -1")
+    raise ConfigValueError(f"config.mesh ({described}) has a size that is not positive or -1")
   fixed = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % fixed:
-      raise ValueError(f"config.mesh ({described}): the fixed sizes multiply to {fixed}, which does "
+      raise ConfigValueError(f"config.mesh ({described}): the fixed sizes multiply to {fixed}, which does "
                        f"not divide the {num_devices} devices present")
     shape[shape.index(-1)] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"config.mesh ({described}) needs {fixed} devices, but {num_devices} are present")
+    raise ConfigValueError(f"config.mesh ({described}) needs {fixed} devices, but {num_devices} are present")
   return tuple(shape)
 
 
@@ -132,7 +134,7 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
 def _hybrid_device_array(shape: tuple[int, ...], dcn_shape: tuple[int, ...], devices) -> np.ndarray:
   described = ", ".join(f"{a}={d}" for a, d in zip(MESH_AXES, dcn_shape))
   if any(d < 1 or s % d for s, d in zip(shape, dcn_shape)):
-    raise ValueError(f"config.mesh_dcn ({described}) must divide the mesh axes "
+    raise ConfigValueError(f"config.mesh_dcn ({described}) must divide the mesh axes "
                      f"{dict(zip(MESH_AXES, shape))}")
   ici = tuple(s // d for s, d in zip(shape, dcn_shape))
   slices = math.prod(dcn_shape)
@@ -141,7 +143,7 @@ def _hybrid_device_array(shape: tuple[int, ...], dcn_shape: tuple[int, ...], dev
   if jax.process_count() == slices:  # GPU clusters: one process (host) per slice
     return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices, process_is_granule=True)
   if jax.process_count() > 1:
-    raise ValueError(f"config.mesh_dcn ({described}) asks for {slices} slices, but these devices have "
+    raise ConfigValueError(f"config.mesh_dcn ({described}) asks for {slices} slices, but these devices have "
                      f"no slice index and there are {jax.process_count()} processes")
   # One process without slices (CPU, tests): consecutive blocks of devices stand in for slices,
   # laid out as create_hybrid_device_mesh lays real ones.

@@ -23,7 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main():
   from avlm_jax import distributed
   from avlm_jax.train.checkpoint import CheckpointSaveError, IncompatibleCheckpointError
-  from avlm_jax.train.faults import NonFiniteError, RunConfigError
+  from avlm_jax.config_check import ConfigValueError
+  from avlm_jax.train.faults import NonFiniteError
   from avlm_jax.train.loop import train_and_evaluate
   from data_pipelines.schema import RecordError
 
@@ -31,7 +32,7 @@ def main():
     check_config_keys(_CONFIG.value, common.base_config())
     distributed.initialize(_CONFIG.value.distributed)  # multi-process runs only; before any device use
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # SIGTERM: saves, says so, returns (exit 0)
-  except (KeyError, IncompatibleCheckpointError, distributed.CoordinatorUnreachableError, RunConfigError,
+  except (KeyError, IncompatibleCheckpointError, distributed.CoordinatorUnreachableError, ConfigValueError,
           NonFiniteError, CheckpointSaveError, RecordError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 

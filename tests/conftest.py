@@ -13,6 +13,32 @@ jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+_SHARED_RUNS = ("tiny_checkpoint", "holistic_checkpoint")
+
+
+def _xdist_group(item) -> str | None:
+  """Which tests must share a pytest-xdist worker so that what they build is built once (with
+  `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints, the train steps
+  kept in `compiled_steps` (and the fault battery's subprocesses, which load that step from the
+  persistent cache once it is written), and each module-scoped fixture."""
+  names = set(item.fixturenames)
+  if names & set(_SHARED_RUNS):
+    return "trained_checkpoints"
+  if "compiled_steps" in names or item.module.__name__.endswith("test_faults"):
+    return "compiled_steps"
+  for name, defs in item._fixtureinfo.name2fixturedefs.items():
+    if defs and defs[-1].scope == "module":
+      return f"module_fixture:{name}"
+  return None
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    group = _xdist_group(item)
+    if group is not None:
+      item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the session (and the processes its tests start): many

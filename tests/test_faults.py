@@ -194,8 +194,13 @@ def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_surviv
   assert "\n" not in message and "No space left on device" in message
   assert "the earlier checkpoints there are intact (latest complete: step 2)" in message
   monkeypatch.undo()
+  assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [3]
   out = _train(cfg, tmp_path, compiled_steps)  # the rerun resumes from step 2
   assert out["first_step"] == 2 and int(out["state"].step) == 6
+  # Step 3 ran (and was logged) twice: metrics.jsonl holds it once, from the run that counts.
+  logged = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in logged] == [3, 6]
+  assert logged[0]["loss"] == out["history"][0]["loss"]
 
 
 def test_a_save_that_fails_in_the_background_stops_the_next_step_and_the_last_checkpoint_survives(
@@ -411,3 +416,18 @@ def test_sigterm_to_the_train_command_saves_and_exits_0(synthetic_dir, tmp_path)
   assert len(line) == 1 and "rerun the same command to resume" in line[0], said
   step = int(line[0].split("saved step ")[1].split()[0])
   assert 2 <= step < 6 and _checkpoint_steps(tmp_path / "run") == [step]  # off the 1000-step cadence
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.data=3", "error: config.mesh (data=3"),
+    ("--config.sharding.preset=nope", "error: config.sharding.preset='nope'; known presets:"),
+    ("--config.data.kind=nope", "error: config.data.kind='nope'; expected"),
+])
+def test_the_train_command_names_a_config_that_cannot_work_in_one_line(synthetic_dir, tmp_path, override,
+                                                                        message):
+  cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:data=shapes", f"--workdir={tmp_path}",
+         "--config.data.kind=array_record", f"--config.data.dir={synthetic_dir}", override]
+  done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-1000:]

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from avlm_jax import anatomy, paths, sharding
+from avlm_jax.config_check import ConfigValueError
 from avlm_jax.tokenizer import TextTokenizer
 from data_pipelines import input_pipeline, schema, synthetic_shapes
 from data_pipelines.region_text_sampling import SamplingOptions
@@ -41,7 +42,7 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[st
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("synthcxr data ready")
   elif config.data.kind != "array_record":
-    raise ValueError(f"config.data.kind={config.data.kind!r}; expected 'synthcxr', 'synthetic_shapes' or "
+    raise ConfigValueError(f"config.data.kind={config.data.kind!r}; expected 'synthcxr', 'synthetic_shapes' or "
                      "'array_record'")
   return data_dir, TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
 

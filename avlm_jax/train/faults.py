@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from avlm_jax.config_check import ConfigValueError
+
 NONFINITE_POLICIES = ("stop", "skip")
 WATCHDOG_EXIT_CODE = 70  # EX_SOFTWARE: not the 0 of a finished or preempted run
 
 
-class RunConfigError(ValueError):
+class RunConfigError(ConfigValueError):
   """A config value or workdir this run cannot start with (named, before any compile)."""
 
 

@@ -15,6 +15,7 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from avlm_jax import sharding
+from avlm_jax.config_check import ConfigValueError
 from avlm_jax.losses import multiscale
 from avlm_jax.train import data as train_data
 from avlm_jax.train import faults
@@ -36,10 +37,10 @@ def _say(msg: str) -> None:
 def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % shards:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh's batch "
+    raise ConfigValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh's batch "
                      f"axes data×fsdp = {mesh.shape['data']}×{mesh.shape['fsdp']} = {shards}")
   if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+    raise ConfigValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
 
 
@@ -179,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   from avlm_jax.evaluate.in_training import periodic_evals  # evaluation imports the train package
   evals = periodic_evals(config, workdir, train_data.resolve_data_dir(config, workdir))
-  writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = train_metrics.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                      resumed_from=first_step)
   accum = train_metrics.MetricAccumulator()
   clock = train_metrics.Throughput(config.batch_size)
   history: list[dict[str, float]] = []

@@ -55,15 +55,35 @@ class MetricAccumulator:
     return values
 
 
+def trim_after(path: str, step: int) -> int:
+  """Drop the lines of `path` (a metrics.jsonl) whose step is after `step`; returns how many.
+  Rewritten to a temporary file and renamed, so a crash here leaves the old file whole."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [l for l in lines if not l.strip() or json.loads(l).get("step", 0) <= step]
+  if len(kept) < len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
 class MetricWriter:
   """`metrics.jsonl` in the workdir always; TensorBoard summaries when clu's writers import."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, resumed_from: int | None = None):
+    """`resumed_from`: the step a resumed run restored. Lines of later steps (logged before a crash,
+    and about to be logged again) are dropped, so each step appears once."""
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resumed_from is not None:
+        trim_after(self.path, resumed_from)
       try:  # clu.metric_writers needs TensorFlow (the optional `tensorboard` extra).
         from clu import metric_writers
         self._tb = metric_writers.create_default_writer(workdir, asynchronous=False)
