@@ -18,14 +18,14 @@ _SHARED_RUNS = ("tiny_checkpoint", "holistic_checkpoint")
 
 def _xdist_group(item) -> str | None:
   """Which tests must share a pytest-xdist worker so that what they build is built once (with
-  `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints, the train steps
-  kept in `compiled_steps` (and the fault battery's subprocesses, which load that step from the
-  persistent cache once it is written), and each module-scoped fixture."""
+  `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints and each
+  module-scoped fixture. Tests that reuse a train step through `compiled_steps` carry their own
+  `xdist_group` mark, one group per step (a group runs serially, so groups are kept small)."""
+  if item.get_closest_marker("xdist_group") is not None:
+    return None
   names = set(item.fixturenames)
   if names & set(_SHARED_RUNS):
     return "trained_checkpoints"
-  if "compiled_steps" in names or item.module.__name__.endswith("test_faults"):
-    return "compiled_steps"
   for name, defs in item._fixtureinfo.name2fixturedefs.items():
     if defs and defs[-1].scope == "module":
       return f"module_fixture:{name}"

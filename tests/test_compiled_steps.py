@@ -41,6 +41,7 @@ def test_the_vocabulary_and_the_devices_are_part_of_the_key():
   assert _key(mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[1:2])) != _key()
 
 
+@pytest.mark.xdist_group("tiny_step_a")  # the faults battery's step
 def test_a_second_run_of_the_same_step_reuses_it_and_trains_the_same(synthetic_dir, tmp_path, compiled_steps,
                                                                      capsys):
   cfg = tiny_config(**{"data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 6,

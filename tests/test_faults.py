@@ -1,8 +1,8 @@
 """Faults a long run meets: bad config or workdir, SIGTERM, non-finite steps, a failing save, a hang.
 
-Every run here is the tiny config on drawn shapes, one device, the same shapes: a pytest worker
-compiles its step once (`compiled_steps`) and reuses it for every run of the battery (a second
-one for on_nonfinite=skip, a third for the unreadable checkpoint's longer run).
+Every run here is the tiny config on drawn shapes on one device. Tests that train the same step
+carry the same `xdist_group`, so one pytest worker compiles it once (`compiled_steps`) and reuses
+it; the subprocesses load it from the session's persistent compilation cache.
 """
 
 import errno
@@ -83,6 +83,7 @@ def test_an_unwritable_workdir_is_named_before_anything_is_built(
     _train(_config(synthetic_dir), blocker / "run", compiled_steps)
 
 
+@pytest.mark.xdist_group("tiny_step_a")
 def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(
     synthetic_dir, tmp_path, monkeypatch, compiled_steps):
   cfg = _config(synthetic_dir, checkpoint_every=4)
@@ -109,6 +110,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(
   _assert_same_params(whole["state"], second["state"])
 
 
+@pytest.mark.xdist_group("fsdp_step")
 def test_a_checkpoint_restores_onto_another_mesh(synthetic_dir, tmp_path, compiled_steps):
   """A pod that comes back smaller: 8 devices (fsdp 2 × data 4) save, 2 devices (data parallel)
   restore the same values, resharded."""
@@ -128,6 +130,7 @@ def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
 
 
+@pytest.mark.xdist_group("tiny_step_a")
 def test_a_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_saved(
     synthetic_dir, tmp_path, poison_batches, compiled_steps):
   poison_batches({5})
@@ -145,6 +148,7 @@ def test_a_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_saved(
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"].params))
 
 
+@pytest.mark.xdist_group("tiny_skip_step")
 def test_skip_drops_the_update_counts_it_and_stops_past_the_limit(
     synthetic_dir, tmp_path, poison_batches, compiled_steps):
   cfg = _config(synthetic_dir, **{"train.on_nonfinite": "skip", "train.max_nonfinite_skips": 1})
@@ -162,6 +166,7 @@ def test_skip_drops_the_update_counts_it_and_stops_past_the_limit(
   assert _checkpoint_steps(tmp_path / "two") == [2]  # step 2's state is step 1's: finite
 
 
+@pytest.mark.xdist_group("tiny_skip_step")
 def test_a_skipped_step_leaves_params_and_optimizer_state_unchanged(
     synthetic_dir, tmp_path, poison_batches, compiled_steps):
   """With skip, a NaN step is the identity on params and Adam state: stopping right after it gives
@@ -176,6 +181,7 @@ def test_a_skipped_step_leaves_params_and_optimizer_state_unchanged(
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.xdist_group("tiny_step_a")
 def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_survives(
     synthetic_dir, tmp_path, monkeypatch, compiled_steps):
   cfg = _config(synthetic_dir)
@@ -203,6 +209,7 @@ def test_a_failing_save_stops_the_run_in_one_line_and_the_last_checkpoint_surviv
   assert logged[0]["loss"] == out["history"][0]["loss"]
 
 
+@pytest.mark.xdist_group("tiny_8_steps")
 def test_a_save_that_fails_in_the_background_stops_the_next_step_and_the_last_checkpoint_survives(
     synthetic_dir, tmp_path, monkeypatch, compiled_steps):
   """Disk full while orbax's writer thread commits step 4 (after `save` has returned): the run stops
@@ -241,6 +248,7 @@ def test_a_save_that_fails_in_the_background_stops_the_next_step_and_the_last_ch
   assert out["first_step"] == 2 and int(out["state"].step) == 8
 
 
+@pytest.mark.xdist_group("tiny_8_steps")
 def test_an_unreadable_newest_checkpoint_is_named_set_aside_and_the_run_falls_back(
     synthetic_dir, tmp_path, capsys, compiled_steps):
   cfg = _config(synthetic_dir)
@@ -288,6 +296,7 @@ def _corpus_with_bad_records(synthetic_dir, tmp_path):
   return str(data)
 
 
+@pytest.mark.xdist_group("tiny_step_b")
 def test_bad_records_below_the_limit_are_skipped_listed_and_counted(synthetic_dir, tmp_path, compiled_steps):
   data = _corpus_with_bad_records(synthetic_dir, tmp_path)
   cfg = _config(data, **{"data.max_bad_records": 3})  # 6 steps × 16 > 68 records: every one is read
@@ -302,6 +311,7 @@ def test_bad_records_below_the_limit_are_skipped_listed_and_counted(synthetic_di
   assert logged[-1]["bad_records"] == 3.0
 
 
+@pytest.mark.xdist_group("tiny_step_b")
 def test_one_bad_record_past_the_limit_stops_the_run_in_one_line(synthetic_dir, tmp_path, compiled_steps):
   from data_pipelines import schema
 
@@ -378,6 +388,7 @@ loop.train_and_evaluate(cfg, {workdir!r}, devices=jax.devices()[:1])
 """
 
 
+@pytest.mark.xdist_group("tiny_step_b")
 def test_kill_9_during_a_save_then_rerun_is_bit_identical(synthetic_dir, tmp_path, compiled_steps):
   cfg = _config(synthetic_dir)
   whole = _train(cfg, tmp_path / "whole", compiled_steps)

@@ -39,6 +39,7 @@ def test_tiny_run_loss_falls(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp_step")  # shares its step with test_faults' restore onto another mesh
 def test_exact_resume_on_fsdp_mesh(synthetic_dir, tmp_path, compiled_steps):
   """6 uninterrupted steps == 3 steps, a restart from the checkpoint, 3 more steps: bitwise."""
   cfg = _config(synthetic_dir, total_steps=6, checkpoint_every=3,
