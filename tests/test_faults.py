@@ -442,3 +442,20 @@ def test_the_train_command_names_a_config_that_cannot_work_in_one_line(synthetic
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
   assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-1000:]
+
+
+def test_resuming_cuts_metrics_back_to_the_restored_step_and_keeps_a_torn_line(tmp_path):
+  """A kill mid-write leaves a torn last line: it is kept (nothing is lost) and ended, so the
+  resumed run's lines start clean; lines after the restored step go."""
+  from avlm_jax.train.metrics import MetricWriter
+
+  writer = MetricWriter(str(tmp_path), enabled=True)
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": float(step)})
+  with open(writer.path, "a") as f:
+    f.write('{"loss": 4.0, "st')  # torn by kill -9
+  resumed = MetricWriter(str(tmp_path), enabled=True, resumed_from=2)
+  resumed.write(3, {"loss": 3.5})
+  lines = open(writer.path).read().splitlines()
+  assert [json.loads(l)["step"] for l in (lines[0], lines[1], lines[3])] == [1, 2, 3]
+  assert lines[2] == '{"loss": 4.0, "st' and json.loads(lines[3])["loss"] == 3.5

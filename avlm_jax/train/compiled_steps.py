@@ -23,6 +23,7 @@ from avlm_jax import anatomy, sharding
 from avlm_jax.models.anatomy_vlm import build_model
 from avlm_jax.train import data as train_data
 from avlm_jax.train import schedule
+from avlm_jax.train.checkpoint import flatten
 from avlm_jax.train.state import StatePlan, make_optimizer, optimizer_groups
 from avlm_jax.train.step import compile_grad_signal, compile_train_step, make_grad_signal_fn, make_train_step
 
@@ -56,20 +57,10 @@ class CompiledRun:
     return self._grad_signal
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def step_key(config: ml_collections.ConfigDict, vocab_size: int, mesh) -> str:
   """What identifies a compiled step: the config without `NOT_IN_STEP`, the vocabulary size and
   the mesh (its axes and devices)."""
-  flat = _flatten(json.loads(config.to_json()))
+  flat = flatten(json.loads(config.to_json()))
   kept = {k: v for k, v in flat.items()
           if not any(k == p or k.startswith(p + ".") for p in NOT_IN_STEP)}
   return json.dumps({"config": kept, "vocab_size": vocab_size,

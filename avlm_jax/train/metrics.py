@@ -55,15 +55,28 @@ class MetricAccumulator:
     return values
 
 
+def _logged_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def trim_after(path: str, step: int) -> int:
   """Drop the lines of `path` (a metrics.jsonl) whose step is after `step`; returns how many.
-  Rewritten to a temporary file and renamed, so a crash here leaves the old file whole."""
+  A line that does not parse (torn by a kill mid-write) is kept, ended with a newline, so nothing
+  is lost and the next line starts clean. Rewritten to a temporary file and renamed, so a crash
+  here leaves the old file whole."""
   if not os.path.exists(path):
     return 0
   with open(path) as f:
     lines = f.readlines()
-  kept = [l for l in lines if not l.strip() or json.loads(l).get("step", 0) <= step]
-  if len(kept) < len(lines):
+  kept = []
+  for line in lines:
+    logged = _logged_step(line)
+    if logged is None or logged <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)
