@@ -111,16 +111,18 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(
 
 
 @pytest.mark.xdist_group("fsdp_step")
-def test_a_checkpoint_restores_onto_another_mesh(synthetic_dir, tmp_path, compiled_steps):
+def test_a_checkpoint_restores_onto_another_mesh(synthetic_dir, tmp_path, compiled_steps, capsys):
   """A pod that comes back smaller: 8 devices (fsdp 2 × data 4) save, 2 devices (data parallel)
-  restore the same values, resharded."""
+  restore the same values, resharded (and, with no step left to take, compile no step)."""
   base = {"log_every": 1, "checkpoint_every": 3}  # as test_exact_resume_on_fsdp_mesh: its compile is cached
   first = train_and_evaluate(_config(synthetic_dir, **base, **{"mesh.fsdp": 2, "sharding.preset": "fsdp"}),
                              str(tmp_path), stop_after=3, compiled=compiled_steps)
   devices = jax.devices()[:2]
+  capsys.readouterr()
   again = train_and_evaluate(_config(synthetic_dir, **base), str(tmp_path), devices=devices, stop_after=0,
                              compiled=compiled_steps)
   assert again["first_step"] == 3 and int(again["state"].step) == 3
+  assert "train step" not in capsys.readouterr().out  # neither compiled nor reused
   for a, b in zip(jax.tree.leaves(first["state"]), jax.tree.leaves(again["state"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert all(set(x.sharding.device_set) == set(devices) for x in jax.tree.leaves(again["state"].params))

@@ -38,17 +38,34 @@ NOT_IN_STEP = ("log_every", "checkpoint_every", "max_checkpoints", "log_grad_sig
 
 @dataclasses.dataclass
 class CompiledRun:
-  """The parts of a run that depend only on the step's identity (see `step_key`)."""
+  """The parts of a run that depend only on the step's identity (see `step_key`).
+
+  The train step is compiled on first use of `step_fn`, so a run with no step left to take (a
+  restore onto another mesh, a resume of a finished run) compiles nothing.
+  """
 
   mesh: Any
   model: Any
   plan: StatePlan
-  step_fn: Any  # compiled (state, batch, prompts) -> (state, metrics)
-  compile_s: float
   starts: tuple[int, int]  # the steps after which the global and the fine terms start
   batch_keys: tuple[str, ...]
+  make_step: Callable[[], Any]  # () -> compiled (state, batch, prompts) -> (state, metrics)
   make_grad_signal: Callable[[], Any]  # () -> compiled (state, batch, prompts) -> gradient split
+  compile_s: float | None = None  # None until the step is compiled
+  _step: Any = None
   _grad_signal: Any = None
+
+  @property
+  def is_compiled(self) -> bool:
+    return self._step is not None
+
+  @property
+  def step_fn(self):
+    if self._step is None:
+      t0 = time.perf_counter()
+      self._step = self.make_step()
+      self.compile_s = time.perf_counter() - t0
+    return self._step
 
   def grad_signal_fn(self):
     """The per-term gradient split, compiled on first use and kept with the step."""
@@ -70,7 +87,8 @@ def step_key(config: ml_collections.ConfigDict, vocab_size: int, mesh) -> str:
 
 def compile_run(config: ml_collections.ConfigDict, vocab_size: int, prompt_shape: tuple[int, int],
                 mesh, say: Callable[[str], None]) -> CompiledRun:
-  """Model, optimizer, state plan and the AOT-compiled train step for `config` on `mesh`."""
+  """Model, optimizer, state plan and the train step for `config` on `mesh` (AOT-compiled on its
+  first use)."""
   rules = sharding.rules_for(config.sharding.preset)
   model = build_model(config.model, vocab_size)
   tx = make_optimizer(config.optimizer, config.total_steps, optimizer_groups(config.optimizer))
@@ -92,14 +110,12 @@ def compile_run(config: ml_collections.ConfigDict, vocab_size: int, prompt_shape
     prompt_spec = jax.ShapeDtypeStruct(prompt_shape, np.int32)
   starts = schedule.stage_starts(config.stages, config.total_steps)
   batch_spec = train_data.batch_spec(config)
-  t0 = time.perf_counter()
   skip_nonfinite = config.train.on_nonfinite == "skip"  # the step itself drops such an update
-  step_fn = compile_train_step(make_train_step(model, tx, config.loss, config.seed, starts,
-                                               skip_nonfinite=skip_nonfinite),
-                               plan, batch_spec, prompt_spec)
-  compile_s = time.perf_counter() - t0
   return CompiledRun(
-      mesh, model, plan, step_fn, compile_s, tuple(starts), tuple(batch_spec),
+      mesh, model, plan, tuple(starts), tuple(batch_spec),
+      make_step=lambda: compile_train_step(
+          make_train_step(model, tx, config.loss, config.seed, starts, skip_nonfinite=skip_nonfinite),
+          plan, batch_spec, prompt_spec),
       make_grad_signal=lambda: compile_grad_signal(
           make_grad_signal_fn(model, config.loss, config.seed, starts), plan, batch_spec, prompt_spec))
 

@@ -22,7 +22,7 @@ from avlm_jax.train import faults
 from avlm_jax.train import metrics as train_metrics
 from avlm_jax.train.checkpoint import Checkpointer
 from avlm_jax.train import pretrained
-from avlm_jax.train.compiled_steps import CompiledSteps, compile_run, step_key
+from avlm_jax.train.compiled_steps import CompiledRun, CompiledSteps, compile_run, step_key
 from avlm_jax.train.prefetch import BatchPrefetcher
 from avlm_jax.train.state import StatePlan
 from avlm_jax.train.text_cache import TextFeatureCache
@@ -62,13 +62,33 @@ class Trainer:
   data_iter: BatchPrefetcher
   prompt_tokens: np.ndarray  # (C, L) label-prompt token ids
   plan: StatePlan
-  step_fn: Any  # compiled (state, batch, prompts) -> (state, metrics)
-  compile_s: float
+  run: CompiledRun  # its `step_fn` is compiled on first use (see `step_fn` here)
   prompts: jax.Array | None = None  # tokens, or frozen-tower features, replicated on the mesh
   text_cache: TextFeatureCache | None = None
   batch_keys: tuple[str, ...] = ()  # what the compiled step takes, in train_data.batch_spec order
   make_grad_signal: Any = None  # () -> compiled (state, batch, prompts) -> backbone gradient metrics
   _grad_signal: Any = None
+  _step_announced: bool = False
+
+  @property
+  def step_fn(self):
+    """The compiled (state, batch, prompts) -> (state, metrics); compiled on first use, so a run
+    with no step to take compiles nothing."""
+    if not self._step_announced:
+      self._step_announced = True
+      if self.run.is_compiled:
+        _say(f"train step reused from this process's compiled steps (compiled in {self.run.compile_s:.1f}s)")
+      else:
+        mem = self.run.step_fn.memory_analysis()
+        _say(f"compiled train step in {self.run.compile_s:.1f}s"
+             + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
+             + f"; stages: +global after step {self.run.starts[0]}, +fine after step {self.run.starts[1]}")
+    return self.run.step_fn
+
+  @property
+  def compile_s(self) -> float:
+    self.step_fn  # noqa: B018: compiles if it is not yet
+    return self.run.compile_s
 
   def start(self, state) -> None:
     if self.config.model.text.frozen:
@@ -120,21 +140,10 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   prompts = tokenizer(train_data.label_prompt_texts(config), config.data.max_prompt_len)
   pretrained.check_text_config(config.model.text, tokenizer.vocab_size)
   build = lambda: compile_run(config, tokenizer.vocab_size, prompts.shape, mesh, _say)  # noqa: E731
-  if compiled is None:
-    run = build()
-  else:
-    hits = compiled.hits
-    run = compiled.get(step_key(config, tokenizer.vocab_size, mesh), build)
-    if compiled.hits > hits:
-      _say("train step reused from this process's compiled steps")
+  run = build() if compiled is None else compiled.get(step_key(config, tokenizer.vocab_size, mesh), build)
   mesh = run.mesh  # on a reuse: an equal mesh, the one the step's shardings name
-  mem = run.step_fn.memory_analysis()
-  _say(f"compiled train step in {run.compile_s:.1f}s"
-       + (f"; temp memory {mem.temp_size_in_bytes / 2**20:.1f} MiB per device" if mem is not None else "")
-       + f"; stages: +global after step {run.starts[0]}, +fine after step {run.starts[1]}")
   source = train_data.make_train_iterator(config, data_dir, tokenizer, workdir)
-  trainer = Trainer(config, mesh, run.model, None, prompts, run.plan, run.step_fn, run.compile_s,
-                    batch_keys=run.batch_keys)
+  trainer = Trainer(config, mesh, run.model, None, prompts, run.plan, run, batch_keys=run.batch_keys)
   if config.get("log_grad_signal", True):
     trainer.make_grad_signal = run.grad_signal_fn
   trainer.data_iter = BatchPrefetcher(source, trainer.prepare, config.data.prefetch)
