@@ -65,16 +65,21 @@ def _data_overrides(root: str) -> list[str]:
   return [f"--config.data.dir={os.path.join(root, 'data')}", "--config.data.kind=array_record"]
 
 
-def prepare_corpus(root: str) -> None:
-  """Build the shared corpus once (the config's own data kind, seed 0) into <root>/data."""
+def seed0_config():
+  """The ablation's config as seed 0 runs it (its corpus and its labels are every run's)."""
   import importlib.util
-
-  from avlm_jax.train import data
 
   spec = importlib.util.spec_from_file_location("ablation_config", _CONFIG.value)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(",".join(filter(None, [_CONFIG_ARGS.value, "seed=0"])))
+  return module.get_config(",".join(filter(None, [_CONFIG_ARGS.value, "seed=0"])))
+
+
+def prepare_corpus(root: str) -> None:
+  """Build the shared corpus once (the config's own data kind, seed 0) into <root>/data."""
+  from avlm_jax.train import data
+
+  config = seed0_config()
   config.data.dir = os.path.join(root, "data")
   data.prepare_dataset(config, root)
 
@@ -133,7 +138,7 @@ def main(argv):
           print(f"{name}: {json.dumps(json.load(f)['headline'])}", flush=True)
         if _COMMIT.value:
           _commit(written, f"ablation: {name} result")
-  table = ablation_table.write_table(results, _RESAMPLES.value)
+  table = ablation_table.write_table(results, _RESAMPLES.value, labels=tuple(seed0_config().labels))
   print(table)
   if _COMMIT.value:
     _commit([os.path.join(results, "TABLE.md"), os.path.join(results, "table.json")], "ablation: table")

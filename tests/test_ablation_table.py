@@ -8,7 +8,7 @@ import pytest
 
 from avlm_jax.evaluate import ablation_table, metrics
 
-N, C, R, F = 60, 3, 29, 2
+N, C, R, F = 60, 5, 29, 5  # C: the tiny shapes config's labels (the runner test names them)
 
 
 def _arrays(seed: int, signal: float) -> dict[str, np.ndarray]:
@@ -99,6 +99,19 @@ def test_bootstrap_interval_brackets_the_seed_mean_and_shrinks_with_signal():
   assert point == lo == hi == 1.0
 
 
+def test_a_paired_difference_is_a_minus_b_on_the_same_resampled_images():
+  strong, weak = [_arrays(s, 1.0) for s in range(2)], [_arrays(s, 0.3) for s in range(2)]
+  diff, lo, hi = ablation_table.difference_ci(strong, weak, "image_auc", n_resamples=200)
+  means = [np.mean([ablation_table.run_metrics(a)["image_auc"] for a in runs]) for runs in (strong, weak)]
+  assert diff == pytest.approx(means[0] - means[1]) and 0 < lo < diff < hi
+  # Both rows see the same resample each time: a row against itself differs by exactly 0.
+  assert ablation_table.difference_ci(weak, weak, "image_auc", n_resamples=50) == (0.0, 0.0, 0.0)
+  # The same scores with the labels of other images: the difference is not paired, and is refused.
+  shuffled = [{**a, "ids": a["ids"][::-1].copy()} for a in weak]
+  with pytest.raises(ValueError, match="different test images"):
+    ablation_table.difference_ci(strong, shuffled, "image_auc", n_resamples=10)
+
+
 def test_runs_on_other_test_images_are_refused():
   a, b = _arrays(0, 0.5), _arrays(1, 0.5)
   b["ids"] = b["ids"][::-1].copy()
@@ -128,7 +141,7 @@ def test_collect_and_table(tmp_path):
       ev = _fake_eval(tmp_path, name, arrays, baselines if row == "full" and seed == 0 else None)
       written = ablation_table.collect_run(ev, results, name, row=row, seed=seed)
       assert all(os.path.exists(p) for p in written)
-  text = ablation_table.write_table(results, n_resamples=50)
+  text = ablation_table.write_table(results, n_resamples=50, labels=("effusion", "edema", "nodule", "mass", "atelectasis"))
   table = json.loads((tmp_path / "results" / "table.json").read_text())
   assert list(table["rows"]) == ["global", "full"]
   assert "map50" not in table["rows"]["global"]["metrics"]
@@ -136,6 +149,20 @@ def test_collect_and_table(tmp_path):
   assert full["mean"] > table["rows"]["global"]["metrics"]["image_auc"]["mean"]
   assert len(full["per_seed"]) == 2 and full["ci95"][0] <= full["mean"] <= full["ci95"][1]
   assert "| global only (holistic) | 2 |" in text and "| 0.82 |" in text
+  # Of the orderings, only full vs global has both rows here (held-out, then train wording).
+  assert [(t["a"], t["b"], t["metric"]) for t in table["targets"]] == [
+      ("full", "global", "image_auc_heldout"), ("full", "global", "image_auc")]
+  target = table["targets"][1]
+  # Per finding: the seed mean of each finding's own AUC; the holistic row has no anatomy scores.
+  seed_aucs = [metrics.roc_auc(_arrays(s, 1.0)["zeroshot_image/labels"][:, 1], _arrays(s, 1.0)["zeroshot_image/heldout_scores"][:, 1])
+               for s in (0, 1)]
+  assert table["per_finding"]["full"]["edema"]["image_auc_heldout"] == pytest.approx(np.mean(seed_aucs))
+  assert "anatomy_auc" not in table["per_finding"]["global"]["edema"]
+  assert "| finding | global only (holistic): image AUC, held-out | full (global + detection + fine): image AUC, held-out | full (global + detection + fine): anatomy AUC |" in text
+  with pytest.raises(ValueError, match="findings, the labels given are 2"):
+    ablation_table.write_table(results, n_resamples=10, labels=("a", "b"))
+  assert target["difference"] == pytest.approx(full["mean"] - table["rows"]["global"]["metrics"]["image_auc"]["mean"])
+  assert "| full (global + detection + fine) ≥ global only (holistic) | image AUC (train wording) | +" in text
   assert "`box_prior`: localisation/map50 0.300, localisation/mean_iou 0.600" in text
 
 

@@ -208,33 +208,61 @@ def load_results(results_dir: str) -> dict[str, list[tuple[dict, dict[str, np.nd
   return out
 
 
-def seed_mean_ci(runs: list[dict[str, np.ndarray]], metric: str, *, n_resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float, float]:
-  """(mean over seeds, CI low, CI high): percentile bootstrap over test images, paired across seeds.
-
-  `scipy.stats.bootstrap` draws the resamples; the statistic turns each batch of resampled index
-  lists into image counts and scores every resample at once (`weighted_metrics`)."""
-  from scipy import stats
-
+def _check_paired(runs: list[dict[str, np.ndarray]], metric: str) -> int:
   n = len(runs[0]["ids"])
   for r in runs[1:]:
     if not np.array_equal(r["ids"], runs[0]["ids"]):
       raise ValueError(f"{metric}: the runs were scored on different test images; they cannot be paired")
+  return n
 
-  def stat(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+
+def _seed_mean_stat(runs: list[dict[str, np.ndarray]], metric: str, n: int):
+  """idx (..., n) resampled index lists -> (...) seed-mean metric, all resamples at once."""
+  def stat(idx: np.ndarray) -> np.ndarray:
     idx = np.asarray(idx, np.int64)
     batch = idx.reshape(-1, n)
     counts = np.zeros(batch.shape, np.float64)
     np.add.at(counts, (np.arange(len(batch))[:, None], batch), 1.0)
     per_seed = [weighted_metrics(r, counts, only=metric).get(metric, np.full(len(batch), np.nan)) for r in runs]
     return _nanmean_rows(per_seed).reshape(idx.shape[:-1])
+  return stat
+
+
+def _bootstrap(stat, n: int, n_resamples: int, seed: int) -> tuple[float, float, float]:
+  from scipy import stats
 
   point = float(stat(np.arange(n)))
   if not np.isfinite(point):
     return point, float("nan"), float("nan")
-  res = stats.bootstrap((np.arange(n),), stat, vectorized=True, n_resamples=n_resamples, batch=250,
-                        method="percentile", random_state=seed)
+  res = stats.bootstrap((np.arange(n),), lambda idx, axis=-1: stat(idx), vectorized=True,
+                        n_resamples=n_resamples, batch=250, method="percentile", random_state=seed)
   return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def seed_mean_ci(runs: list[dict[str, np.ndarray]], metric: str, *, n_resamples: int = 1000,
+                 seed: int = 0) -> tuple[float, float, float]:
+  """(mean over seeds, CI low, CI high): percentile bootstrap over test images, paired across seeds.
+
+  `scipy.stats.bootstrap` draws the resamples; the statistic turns each batch of resampled index
+  lists into image counts and scores every resample at once (`weighted_metrics`)."""
+  n = _check_paired(runs, metric)
+  return _bootstrap(_seed_mean_stat(runs, metric, n), n, n_resamples, seed)
+
+
+def difference_ci(runs_a: list[dict[str, np.ndarray]], runs_b: list[dict[str, np.ndarray]], metric: str, *,
+                  n_resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+  """(seed mean of A − seed mean of B, CI low, CI high), both rows scored on the same resample of
+  test images each time: the paired interval an ordering claim needs (two rows' own intervals
+  may overlap while their difference is clear of 0, and the reverse)."""
+  n = _check_paired(runs_a + runs_b, metric)
+  a, b = _seed_mean_stat(runs_a, metric, n), _seed_mean_stat(runs_b, metric, n)
+  return _bootstrap(lambda idx: a(idx) - b(idx), n, n_resamples, seed)
+
+
+# The issue's targets as orderings: (row A, row B, metric), claiming A ≥ B.
+TARGETS = (("full", "global_detection", "image_auc_heldout"), ("global_detection", "global", "image_auc_heldout"),
+           ("full", "global", "image_auc_heldout"), ("full", "global", "image_auc"),
+           ("full", "detection", "map50"))
 
 
 def _fmt(v: float | None, ci: tuple[float, float] | None = None) -> str:
@@ -245,7 +273,25 @@ def _fmt(v: float | None, ci: tuple[float, float] | None = None) -> str:
   return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def build_table(results_dir: str, n_resamples: int = 1000) -> dict[str, Any]:
+def per_finding(runs: list[dict[str, np.ndarray]], labels: tuple[str, ...]) -> dict[str, dict[str, float]]:
+  """finding -> seed-mean image AUC (both wordings) and anatomy AUC pooled over regions, where the
+  runs kept those arrays (no intervals: a detail table beside the headline one)."""
+  one = np.ones((1, len(runs[0]["ids"])))
+  out: dict[str, dict[str, float]] = {f: {} for f in labels}
+  for key, name in (("zeroshot_image/scores", "image_auc"), ("zeroshot_image/heldout_scores", "image_auc_heldout")):
+    if key in runs[0]:
+      for c, f in enumerate(labels):
+        out[f][name] = float(np.nanmean([weighted_auc(r["zeroshot_image/labels"][:, c], r[key][:, c], one)[0]
+                                         for r in runs]))
+  if "zeroshot_anatomy/scores" in runs[0] and runs[0]["zeroshot_anatomy/labels"].shape[-1] == len(labels):
+    for c, f in enumerate(labels):
+      out[f]["anatomy_auc"] = float(np.nanmean([weighted_auc(
+          r["zeroshot_anatomy/labels"][..., c], r["zeroshot_anatomy/scores"][..., c],
+          np.ones((1, r["zeroshot_anatomy/labels"][..., c].size)))[0] for r in runs]))
+  return out
+
+
+def build_table(results_dir: str, n_resamples: int = 1000, labels: tuple[str, ...] | None = None) -> dict[str, Any]:
   loaded = load_results(results_dir)
   rows = {}
   for row in ROWS:
@@ -260,11 +306,25 @@ def build_table(results_dir: str, n_resamples: int = 1000) -> dict[str, Any]:
       point, lo, hi = seed_mean_ci(runs, metric, n_resamples=n_resamples)
       cells[metric] = {"mean": point, "ci95": [lo, hi], "per_seed": per_seed}
     rows[row] = {"seeds": [r["seed"] for r, _ in loaded[row]], "metrics": cells}
+  findings = {}
+  if labels is not None:
+    for row, runs in loaded.items():
+      arrays = [x for _, x in runs]
+      if arrays[0]["zeroshot_image/labels"].shape[1] != len(labels):
+        raise ValueError(f"{row}: its runs score {arrays[0]['zeroshot_image/labels'].shape[1]} findings, "
+                         f"the labels given are {len(labels)}: {labels}")
+      findings[row] = per_finding(arrays, labels)
+  targets = []
+  for a, b, metric in TARGETS:
+    if a in loaded and b in loaded:
+      diff, lo, hi = difference_ci([x for _, x in loaded[a]], [x for _, x in loaded[b]], metric,
+                                   n_resamples=n_resamples)
+      targets.append({"a": a, "b": b, "metric": metric, "difference": diff, "ci95": [lo, hi]})
   baselines = {}
   for row in loaded.values():
     for result, _ in row:
       baselines.update(result.get("baselines", {}))
-  return {"rows": rows, "baselines": baselines, "paper_image_auc": PAPER_IMAGE_AUC,
+  return {"rows": rows, "targets": targets, "per_finding": findings, "baselines": baselines, "paper_image_auc": PAPER_IMAGE_AUC,
           "n_resamples": n_resamples}
 
 
@@ -283,6 +343,25 @@ def render_markdown(table: dict[str, Any]) -> str:
   lines.append("")
   lines.append(f"Mean over seeds; [95 % percentile bootstrap over test images, {table['n_resamples']} "
                "resamples, paired across seeds]. Paper: Anatomy-VLM §5.5, on its own data.")
+  if table.get("targets"):
+    lines += ["", "The orderings the targets claim (the paper's, at image level), as paired differences "
+              "(A − B on the same resampled test images; seed means):", "", "| A ≥ B? | metric | A − B [95 % CI] | verdict |", "|---|---|---|---|"]
+    for t in table["targets"]:
+      lo, hi = t["ci95"]
+      verdict = ("holds (CI above 0)" if lo > 0 else "fails (CI below 0)" if hi < 0
+                 else "holds, CI includes 0" if t["difference"] >= 0 else "fails, CI includes 0")
+      lines.append(f"| {ROW_NAMES[t['a']]} ≥ {ROW_NAMES[t['b']]} | {heads[t['metric']]} | "
+                   f"{t['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} |")
+  if table.get("per_finding"):
+    rows = [r for r in ROWS if r in table["per_finding"]]
+    cols = [(r, m) for r in rows for m in ("image_auc_heldout", "anatomy_auc")
+            if any(m in v for v in table["per_finding"][r].values())]
+    short = {"image_auc_heldout": "image AUC, held-out", "anatomy_auc": "anatomy AUC"}
+    lines += ["", "Per finding (mean over seeds):", "",
+              "| finding | " + " | ".join(f"{ROW_NAMES[r]}: {short[m]}" for r, m in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for f in next(iter(table["per_finding"].values())):
+      lines.append(f"| {f} | " + " | ".join(_fmt(table["per_finding"][r][f].get(m)) for r, m in cols) + " |")
   if table["baselines"]:
     lines += ["", "Free baselines (evaluators' own numbers, seed 0):", ""]
     for subject, values in sorted(table["baselines"].items()):
@@ -291,8 +370,10 @@ def render_markdown(table: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_table(results_dir: str, n_resamples: int = 1000) -> str:
-  table = build_table(results_dir, n_resamples)
+def write_table(results_dir: str, n_resamples: int = 1000, labels: tuple[str, ...] | None = None) -> str:
+  """TABLE.md and table.json from every result there; `labels` (the config's, in score order) adds
+  the per-finding table."""
+  table = build_table(results_dir, n_resamples, labels)
   text = render_markdown(table)
   with open(os.path.join(results_dir, "table.json"), "w") as f:
     json.dump(metrics.to_json(table), f, indent=1)
