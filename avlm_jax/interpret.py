@@ -1,7 +1,7 @@
 """Interpret radiographs with a trained checkpoint: the notebook API.
 
     from avlm_jax import interpret
-    model = interpret.load("workdir/tiny/checkpoints", "configs/tiny.py")
+    model = interpret.load("workdir/tiny")       # the config saved with the checkpoint
     result = model.interpret("chest.dcm")        # or a PNG/JPEG path, or an (H, W) array
     result.image_findings                        # {"pleural effusion": 0.83, ...}
     result.region_findings["left costophrenic angle"]   # {"pleural effusion": 0.91, ...}
@@ -24,10 +24,10 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from avlm_jax import anatomy
+from avlm_jax import anatomy, bundle
 from avlm_jax.evaluate import pictures, scoring
 from avlm_jax.evaluate.model_runner import (ModelRunner, resolve_checkpoint, resolve_tokenizer, restore_params,
-                                            workdir_of)
+                                            saved_config, workdir_of)
 from avlm_jax.evaluate.radiograph_io import ImageReadError, read_radiograph  # noqa: F401 (re-exported)
 from data_pipelines.input_pipeline import letterbox
 
@@ -53,6 +53,7 @@ class Interpretation:
   image_findings: dict[str, float]              # finding -> probability
   figure: Figure
   source: str = "array"
+  presence: dict[str, float] = dataclasses.field(default_factory=dict)  # region -> P(its box exists)
 
   def top_regions(self, finding: str, k: int = 3) -> list[tuple[str, float]]:
     if finding not in self.image_findings:
@@ -62,6 +63,15 @@ class Interpretation:
 
   def png(self) -> bytes:
     return pictures.png_bytes(self.figure)
+
+
+@dataclasses.dataclass
+class Scores:
+  """What the model reads off N radiographs, batched (`Interpreter.score`)."""
+  boxes: np.ndarray         # (N, R, 4) xyxy in each input's pixels
+  presence: np.ndarray      # (N, R) probability that each region's box exists
+  region_probs: np.ndarray  # (N, R, F) finding probabilities per region
+  image_probs: np.ndarray   # (N, F) image-level finding probabilities
 
 
 def interpretation_figure(image: np.ndarray, boxes: np.ndarray, region_probs: np.ndarray,
@@ -103,16 +113,9 @@ class Interpreter:
     """`image`: a PNG/JPEG/DICOM path, a PIL image or an array (H, W[, C])."""
     source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "array"
     pixels = read_radiograph(image)
-    h, w = pixels.shape
-    size = self.runner.config.data.image_size
-    boxed, _ = letterbox(pixels, np.zeros((0, 4), np.float32), size)
-    out = self.runner.encode_images(boxed[None])
-    sc = self.runner.scales
-    image_probs = scoring.image_probabilities(out["image_emb"], self._prompt_emb, sc["global_scale"],
-                                              sc["global_bias"])[0]
-    region_probs = (scoring.region_probabilities(out["region_emb"], self._pos, self._neg, sc["region_scale"])[0]
-                    if self.regions else np.zeros((0, len(self.findings))))
-    boxes = to_input_pixels(pictures.cxcywh_to_xyxy(out["boxes"][0], size), (h, w), size)
+    scores = self.score(self.runner.encode_images(self.model_input(pixels)[None]), [pixels.shape])
+    boxes, presence, region_probs, image_probs = (scores.boxes[0], scores.presence[0], scores.region_probs[0],
+                                                  scores.image_probs[0])
     fig = interpretation_figure(pixels, boxes, region_probs, image_probs, self.findings,
                                 title if title is not None else os.path.basename(source))
     return Interpretation(
@@ -121,7 +124,28 @@ class Interpreter:
         region_findings={r: {f: float(region_probs[i, c]) for c, f in enumerate(self.findings)}
                          for i, r in enumerate(self.regions)},
         image_findings={f: float(image_probs[c]) for c, f in enumerate(self.findings)},
-        figure=fig, source=source)
+        figure=fig, source=source, presence={r: float(presence[i]) for i, r in enumerate(self.regions)})
+
+  def model_input(self, pixels: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> the (S, S) letterboxed image the model sees."""
+    return letterbox(pixels, np.zeros((0, 4), np.float32), self.runner.config.data.image_size)[0]
+
+  def score(self, encoded: dict[str, np.ndarray], shapes: Sequence[tuple[int, int]]) -> Scores:
+    """Encoder outputs of N letterboxed images (as `ModelRunner.encode_images` gives them) and the
+    inputs' (H, W) -> boxes in the inputs' pixels, presence and finding probabilities. Batch
+    interpretation (avlm_jax/batch_interpret.py) scores through here too, so both read alike."""
+    size = self.runner.config.data.image_size
+    sc = self.runner.scales
+    image_probs = scoring.image_probabilities(encoded["image_emb"], self._prompt_emb, sc["global_scale"],
+                                              sc["global_bias"])
+    if self.regions:
+      region_probs = scoring.region_probabilities(encoded["region_emb"], self._pos, self._neg, sc["region_scale"])
+    else:
+      region_probs = np.zeros((len(shapes), 0, len(self.findings)))
+    boxes = np.stack([to_input_pixels(pictures.cxcywh_to_xyxy(b, size), shape, size)
+                      for b, shape in zip(encoded["boxes"], shapes)]).reshape(len(shapes), -1, 4)
+    presence = scoring.sigmoid(np.asarray(encoded["presence_logits"], np.float64)).reshape(len(shapes), -1)
+    return Scores(boxes=boxes, presence=presence, region_probs=region_probs, image_probs=image_probs)
 
 
 def to_input_pixels(boxes: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
@@ -136,14 +160,22 @@ def to_input_pixels(boxes: np.ndarray, shape: tuple[int, int], size: int) -> np.
   return np.clip(b, 0.0, np.array([w, h, w, h], np.float64))
 
 
-def load(checkpoint: str, config: str | ml_collections.ConfigDict, *, findings: Sequence[str] | None = None,
-         tokenizer_dir: str | None = None) -> Interpreter:
-  """Load `checkpoint` (a step folder, a checkpoints folder or a training workdir) made by `config`
-  (a ConfigDict or `configs/x.py[:arg]`). A checkpoint made by a different config raises
-  IncompatibleCheckpointError naming the keys that differ; an unknown finding name raises KeyError."""
-  config = load_config(config)
+def load(checkpoint: str, config: str | ml_collections.ConfigDict | None = None, *,
+         findings: Sequence[str] | None = None, tokenizer_dir: str | None = None) -> Interpreter:
+  """Load `checkpoint` (a step folder, a checkpoints folder, a training workdir or a model bundle
+  from `launch.export`). `config` (a
+  ConfigDict or `configs/x.py[:arg]`) defaults to the one saved with the checkpoint; one given
+  must be the one it was made by, else IncompatibleCheckpointError names the keys that differ. An
+  unknown finding name raises KeyError."""
   if findings is not None:
     scoring.check_findings(findings, "findings")
+  if bundle.is_bundle(checkpoint):  # no orbax, no config file: everything is in the folder
+    from avlm_jax.tokenizer import TextTokenizer
+    b = bundle.load(checkpoint, config)
+    tokenizer = TextTokenizer(tokenizer_dir or b.tokenizer_dir)
+    return Interpreter(ModelRunner(b.config, b.params, tokenizer, batch_size=1, name=os.path.abspath(checkpoint)),
+                       findings)
+  config = saved_config(checkpoint) if config is None else load_config(config)
   directory, step = resolve_checkpoint(checkpoint)
   if tokenizer_dir:
     from avlm_jax.tokenizer import TextTokenizer

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 
@@ -27,3 +28,12 @@ def resolve(spec: str) -> str:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{spec!r}: {path} does not exist in the installed package")
   return path
+
+
+def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes (read in 1 MiB blocks): manifests of converted shards and bundles."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from typing import Iterable, Sequence
 
@@ -17,6 +18,23 @@ import numpy as np
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:()-/'%+"
+
+
+def import_transformers():
+  """`transformers`, imported without its "PyTorch was not found" banner (this project uses only its
+  tokenizers). The banner is an advisory warning: silenced for the import alone, the user's setting
+  restored after it."""
+  if "transformers" not in sys.modules:
+    before = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+      import transformers  # noqa: F401
+    finally:
+      if before is None:
+        del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+      else:
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = before
+  return sys.modules["transformers"]
 
 
 def token_hash(tokens: np.ndarray) -> np.ndarray:
@@ -40,7 +58,7 @@ def build_wordpiece_tokenizer(texts: Iterable[str], out_dir: str, model_max_leng
   (and their `##` continuations) so unseen words still tokenise.
   """
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
+  PreTrainedTokenizerFast = import_transformers().PreTrainedTokenizerFast
 
   words: set[str] = set()
   pre = pre_tokenizers.BertPreTokenizer()
@@ -90,9 +108,8 @@ class TextTokenizer:
   def hf(self):
     tok = getattr(self._local, "tok", None)
     if tok is None:
-      from transformers import AutoTokenizer
       os.environ.setdefault("HF_HUB_OFFLINE", "1")
-      tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+      tok = import_transformers().AutoTokenizer.from_pretrained(self.tokenizer_dir)
       if tok.pad_token_id != 0:
         raise ValueError(f"tokenizer {self.tokenizer_dir!r} pads with id {tok.pad_token_id}; "
                          "the text tower expects [PAD] = 0 (BERT convention)")

@@ -21,6 +21,7 @@ alignment, three stages, frozen text encoder. Our choices where it is silent:
   * stages: +global at 20 %, +fine at 40 % of training.
   * bf16 compute, float32 params, optimizer state and loss/logit math; scan over layers,
     remat "dots" (keep matmul outputs) in the image tower; FSDP over all devices.
+  * attention 'auto': cuDNN flash attention on a GPU (bf16), the XLA path elsewhere.
 
 Arguments: res (224 | 448), batch (global), steps, preset (dp | fsdp), vit (pretrained ViT path).
 """
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None):
   c.data.num_threads = 16
 
   c.model.dtype = "bfloat16"
+  c.model.attention = "auto"
   c.model.embed_dim = 512
   c.model.image.update(dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
                             scan=True, remat_policy="dots"))

@@ -58,7 +58,16 @@ def base_config() -> ml_collections.ConfigDict:
   # 'synthcxr' / 'synthetic_shapes' (built into data.dir on first use) or 'array_record' (a folder)
   c.data.kind = "synthetic_shapes"
   c.data.dir = ""  # '' -> <workdir>/data
-  c.data.tokenizer_dir = ""  # '' -> <data.dir>/tokenizer; also pkg:<module>/<path>
+  c.data.tokenizer_dir = ""  # '' -> the folder data.tokenizer names; also pkg:<module>/<path>
+  # 'corpus': the corpus' WordPiece, <data.dir>/tokenizer. 'sentencepiece': a SentencePiece model
+  # (tokenizer_model_type 'unigram' | 'bpe', at most tokenizer_vocab_size pieces) trained on the
+  # train split's reports and the knowledge base's texts into
+  # <data.dir>/tokenizer_sentencepiece_<type>_<size> on first use
+  # (avlm_jax/sentencepiece_tokenizer.py; `python -m launch.train_tokenizer`). Only for a text
+  # tower trained from scratch: a pretrained one (model.text.init_from) brings its own.
+  c.data.tokenizer = "corpus"
+  c.data.tokenizer_vocab_size = 1000
+  c.data.tokenizer_model_type = "unigram"
   c.data.image_size = 32
   c.data.max_phrase_len = 16
   c.data.max_prompt_len = 12
@@ -96,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   # from the ablation (issue 12): on synth_small's full row, seed 0, held-out-wording image AUC
   # 0.663 with separate projections against 0.546 shared (results/ablation_shared_projection/).
   c.model.separate_text_projections = True
+  # Self-attention in both towers: 'xla' (einsum-softmax-einsum, softmax in float32), 'cudnn'
+  # (flash attention through jax.nn.dot_product_attention: a GPU, bf16/fp16, no attention dropout;
+  # elsewhere it falls back to 'xla' and says so) or 'auto' (cudnn where it can run, else xla).
+  c.model.attention = "xla"
   c.model.image = ml_collections.ConfigDict(
       dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
            scan=False, remat_policy="none",  # remat: none | full | dots | dots_no_batch

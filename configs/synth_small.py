@@ -24,9 +24,10 @@ Data: SynthCXR (2048 training studies rendered at 96 px, read at 64 px; built in
       --config.evals.holistic_checkpoint=workdir/synth_small_holistic --out=workdir/synth_small_eval
   python -m launch.train --config=configs/synth_small.py:data=shapes,steps=300 --workdir=workdir/s300
 
-Expect (2-core CPU, SynthCXR): ~1 step/s once the text cache is warm (600 steps in ~12 min);
-the box L1 falls to ~0.05 and the GIoU loss to ~0.22, and the region-phrase loss from ~7.9
-(against log(2·32·29 candidates) = 7.5) to ~4.2. The ablation's numbers are in BENCHMARKS.md
+Expect (2-core CPU, SynthCXR; measured 2026-12-05 on the ablation's full_seed1 run): ~2.7 steps/s
+once the text cache is warm (600 steps in ~5 min; ~1 step/s on a machine busy with other work);
+the box L1 falls from ~0.35 (step 50) to ~0.05 and the GIoU loss from ~0.68 to ~0.20, and the
+region-phrase loss from ~8.0 (against log(2·32·29 candidates) = 7.5) to ~4.1. The ablation's numbers are in BENCHMARKS.md
 (`python -m launch.ablation`).
 
 Our choices where the paper is silent: ViT 128 wide, 4 layers, patch 8 at 64 px; joint space 128;

@@ -7,6 +7,8 @@ Rerunning the same command on the same workdir resumes from its latest checkpoin
 Several processes (hosts): see launch/multihost_local.sh, launch/tpu_pod.sh, launch/slurm_gpu.sbatch.
 """
 
+import os
+import shlex
 import sys
 
 from absl import flags
@@ -21,6 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
+  import jax
+
   from avlm_jax import distributed
   from avlm_jax.train.checkpoint import CheckpointSaveError, IncompatibleCheckpointError
   from avlm_jax.config_check import ConfigValueError
@@ -31,10 +35,24 @@ def main():
   try:
     check_config_keys(_CONFIG.value, common.base_config())
     distributed.initialize(_CONFIG.value.distributed)  # multi-process runs only; before any device use
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # SIGTERM: saves, says so, returns (exit 0)
+    out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # SIGTERM: saves, says so, returns (exit 0)
   except (KeyError, IncompatibleCheckpointError, distributed.CoordinatorUnreachableError, ConfigValueError,
           NonFiniteError, CheckpointSaveError, RecordError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+  if out["preempted"] is None and jax.process_index() == 0:
+    print("\n".join(next_steps(_WORKDIR.value)), flush=True)
+
+
+def next_steps(workdir: str) -> list[str]:
+  """What a user runs on a finished run's workdir (each command reads the config saved with the
+  checkpoint), with this run's interpreter (the project's venv when launch/local.sh started it)."""
+  py = os.path.relpath(sys.executable)
+  py = shlex.quote(py if not py.startswith("..") else sys.executable)
+  w = shlex.quote(workdir.rstrip("/"))
+  return ["next:",
+          f"  {py} -m launch.evaluate --checkpoint={w} --out={w}/eval   # scores beside the free baselines",
+          f"  {py} -m launch.interpret --checkpoint={w} --images='DIR_OR_GLOB' --out={w}/interpret   # your radiographs",
+          f"  {py} -m launch.export --checkpoint={w} --out={w}/bundle   # a portable model bundle"]
 
 
 if __name__ == "__main__":

@@ -18,17 +18,21 @@ _SHARED_RUNS = ("tiny_checkpoint", "holistic_checkpoint")
 
 def _xdist_group(item) -> str | None:
   """Which tests must share a pytest-xdist worker so that what they build is built once (with
-  `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints and each
-  module-scoped fixture. Tests that reuse a train step through `compiled_steps` carry their own
-  `xdist_group` mark, one group per step (a group runs serially, so groups are kept small)."""
+  `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints and each expensive
+  fixture a test module defines. Those are session-scoped, not module-scoped: a worker runs its
+  groups' tests interleaved with other modules' tests, and pytest tears a module fixture down
+  whenever the next test comes from another module, so a module fixture was rebuilt for nearly
+  every test (measured: 3-4 rebuilds of ~45 s each). Tests that reuse a train step through
+  `compiled_steps` carry their own `xdist_group` mark, one group per step (a group runs
+  serially, so groups are kept small)."""
   if item.get_closest_marker("xdist_group") is not None:
     return None
   names = set(item.fixturenames)
   if names & set(_SHARED_RUNS):
     return "trained_checkpoints"
   for name, defs in item._fixtureinfo.name2fixturedefs.items():
-    if defs and defs[-1].scope == "module":
-      return f"module_fixture:{name}"
+    if defs and defs[-1].scope in ("module", "session") and defs[-1].baseid.endswith(".py"):
+      return f"module_fixture:{defs[-1].baseid}::{name}"
   return None
 
 

@@ -19,7 +19,7 @@ from tests.golden import make_minilm_golden
 TOLERANCE = 1e-5  # max abs difference, float32
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def minilm_folder():
   folder = make_minilm_golden.minilm_folder()
   if folder is None:
@@ -27,7 +27,7 @@ def minilm_folder():
   return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def minilm(minilm_folder):
   """(tower, loaded params, report) for all-MiniLM-L6-v2."""
   tower = TextTower(**hf_bert.text_tower_kwargs_from_hf_config(minilm_folder))
@@ -36,7 +36,7 @@ def minilm(minilm_folder):
   return tower, nn.unbox(params), report
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def golden():
   return dict(np.load(make_minilm_golden.GOLDEN))
 

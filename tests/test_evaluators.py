@@ -322,6 +322,9 @@ def test_standalone_evaluation_writes_metrics_and_report(tiny_checkpoint, holist
   assert row[2] == "–" and row[3] == f"{prior['localisation']['mean_iou']:.3f}"  # holistic skipped, prior scored
   assert "![zeroshot_image roc](pictures/roc_image_level.png)" in report
   assert os.path.getsize(tmp_path / "pictures" / "boxes.png") > 1000
+  # metrics.json names its pictures relative to the output folder, so the folder can be moved.
+  assert model["zeroshot_image"]["pictures"]["roc"] == "pictures/roc_image_level.png"
+  assert all(not os.path.isabs(p) for p in model["localisation"]["pictures"].values())
 
 
 def test_a_baseline_with_other_labels_is_refused(tiny_checkpoint, holistic_checkpoint, tmp_path):
@@ -386,8 +389,8 @@ def test_segmentation_taps_and_bad_patch_size():
 
 @pytest.mark.slow
 def test_evaluate_command_line(tiny_checkpoint, synthetic_dir, tmp_path):
-  """`python -m launch.evaluate` on a checkpoint: metrics.json and report.md; a bad key and a
-  missing checkpoint each end with one line naming them."""
+  """`python -m launch.evaluate` on a checkpoint, with no --config (the one saved beside it):
+  metrics.json and report.md; a bad key and a missing checkpoint each end with one line naming them."""
   import subprocess
   import sys
 
@@ -397,10 +400,12 @@ def test_evaluate_command_line(tiny_checkpoint, synthetic_dir, tmp_path):
           "--config.data.kind=array_record", f"--config.data.dir={synthetic_dir}"]
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "JAX_PLATFORMS": "cpu"}
   run = lambda *args: subprocess.run([*base, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  ok = run(f"--checkpoint={workdir}", "--only=localisation", f"--out={tmp_path}", "--config.evals.random_baseline=False")
+  ok = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--checkpoint={workdir}", "--only=localisation",
+                       f"--out={tmp_path}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-2000:]
   saved = json.load(open(tmp_path / "metrics.json"))
-  assert set(saved["subjects"]) == {"model", "box_prior"} and "map50" in saved["subjects"]["model"]["localisation"]
+  assert set(saved["subjects"]) == {"model", "random_init", "box_prior"}
+  assert "map50" in saved["subjects"]["model"]["localisation"]
   assert (tmp_path / "report.md").exists()
   bad = run(f"--checkpoint={workdir}", "--config.evals.bogus=1")
   assert bad.returncode != 0 and "config key 'evals.bogus' does not exist" in bad.stderr

@@ -15,7 +15,7 @@ TERMS = ("detection", "presence", "fine", "global")
 STARTS = (2, 2)  # +global and +fine join at step 3 (state.step 2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def signals(synthetic_dir, tmp_path_factory):
   """A tiny trainer; (state, batch, grad signal) at state.step 1 (detection only) and 2 (all terms)."""
   cfg = tiny_config(**{"data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 10,

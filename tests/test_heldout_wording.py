@@ -27,7 +27,7 @@ from data_pipelines.synthcxr import reports
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kb():
   return K.load_knowledge_base()
 
@@ -115,7 +115,7 @@ def _occurs(wording: str, corpus: str) -> bool:
   return _tokens(wording) in corpus
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus(kb):
   texts = training_texts(kb)
   assert len(texts) > 5000  # the enumeration reached the phrasing bank, rephrasings and negations
@@ -195,6 +195,41 @@ def test_heldout_words_are_whole_words_of_the_corpus_tokenizers(kb, tmp_path):
     for r in f.regions:
       for pair in kb.heldout_region_texts(f.name, r):
         assert all(tok([t], 64)[0].astype(bool).sum() <= c.data.max_phrase_len for t in pair), pair
+
+
+def test_heldout_words_are_whole_pieces_of_tinys_sentencepiece_tokenizer(kb, tmp_path):
+  """The same property for the SentencePiece tokenizer `tiny` trains (data.tokenizer): a learned
+  vocabulary has no word list to look words up in, so each held-out wording must encode as one piece
+  per word and punctuation mark (nothing spelled out), and the prompts fit the default lengths.
+  Built as tiny builds it on SynthCXR: its train reports (here the report writer's, as many as
+  tiny's corpus holds) and the knowledge base's texts (sentencepiece_tokenizer.corpus_texts)."""
+  import numpy as np
+
+  from avlm_jax import sentencepiece_tokenizer as spt
+  from avlm_jax.tokenizer import TextTokenizer
+  from configs import tiny
+  from configs.common import base_config
+  from data_pipelines.synthcxr import findings
+
+  c = tiny.get_config()
+  assert c.data.tokenizer == "sentencepiece"
+  rng = np.random.default_rng(0)
+  texts = [reports.write_report(findings.sample(rng, findings.FINDINGS, c.data.synthcxr.p_normal), rng).text
+           for _ in range(c.data.synthcxr.num_train)]
+  texts += kb.vocabulary_texts() + list(anatomy.REGION_NAMES)
+  tok = TextTokenizer(spt.train(texts, str(tmp_path / "spm"), vocab_size=c.data.tokenizer_vocab_size,
+                                model_type=c.data.tokenizer_model_type))
+  wordings = _heldout_synonyms(kb) + list(kb.eval_image_templates) + [t for p in kb.eval_region_templates for t in p]
+  for s in (re.sub(r"\{\w+\}", " ", w) for w in wordings):
+    pieces = [p for p in (q.lstrip("\u2581") for q in tok.hf.tokenize(s)) if p]
+    assert pieces == _words(s), (s, tok.hf.tokenize(s))
+  d = base_config().data
+  for f in kb.findings:
+    prompts = kb.heldout_label_prompts(f.name)
+    assert all(tok([p], 64)[0].astype(bool).sum() <= d.max_prompt_len for p in prompts), prompts
+    for r in f.regions:
+      for pair in kb.heldout_region_texts(f.name, r):
+        assert all(tok([t], 64)[0].astype(bool).sum() <= d.max_phrase_len for t in pair), pair
 
 
 def test_rephrasings_enumerate_what_rephrase_draws(kb):

@@ -35,7 +35,7 @@ def rg1_dicom():
   return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model(tiny_checkpoint):
   workdir, config = tiny_checkpoint
   return interpret.load(os.path.join(workdir, "checkpoints"), config)
@@ -128,6 +128,20 @@ def test_array_input(model):
   yy, xx = np.mgrid[0:300, 0:200]
   result = model.interpret((xx + yy).astype(np.float32))  # float, any range
   _check(result, (300, 200))
+
+
+def test_without_a_config_the_one_saved_with_the_checkpoint_is_used(tiny_checkpoint, model):
+  """What a user with only a workdir has: `load(workdir)` reads the training config saved beside
+  the checkpoint and interprets exactly as with the config given."""
+  import json
+
+  from avlm_jax.evaluate.model_runner import saved_config
+
+  workdir, config = tiny_checkpoint
+  assert json.loads(saved_config(workdir).to_json()) == json.loads(config.to_json())
+  image = rg1_dicom()
+  alone, given = interpret.load(workdir).interpret(image), model.interpret(image)
+  assert alone.image_findings == given.image_findings and alone.boxes == given.boxes
 
 
 def test_checkpoint_of_another_config_and_unknown_finding(tiny_checkpoint):

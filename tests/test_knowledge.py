@@ -16,12 +16,12 @@ CHEXPERT = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Op
             "Pleural Other", "Fracture", "Support Devices")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kb():
   return K.load_knowledge_base()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def raw():
   with open(K.DEFAULT_PATH) as f:
     return json.load(f)

@@ -35,7 +35,7 @@ def _records(out, split="train"):
   return {t.id: t for t in convert.iter_triples(str(out), split)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def converted(tmp_path_factory):
   d = tmp_path_factory.mktemp("mimic")
   tree = make_tree(str(d / "src"))

@@ -119,7 +119,7 @@ def _loss_and_grads(sizes, preset, devices, params, batch, prompts, loss_fn, abs
   return loss, metrics, grads
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_device_reference(synthetic_dir, tokenizer):
   cfg = tiny_config(batch_size=8)
   model, abstract = _abstract_params(cfg, tokenizer.vocab_size)

@@ -24,7 +24,7 @@ from data_pipelines.synthcxr import render as R  # noqa: E402
 S = 128
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def anat():
   return corpus._anatomy()
 

@@ -186,12 +186,18 @@ def test_unknown_config_keys_are_named():
 def test_command_line_entry_point(tmp_path):
   """The Quick-start command on its default data (a SynthCXR corpus, 2 steps), then a rejected unknown key."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env.pop("TRANSFORMERS_VERBOSITY", None)  # transformers' own default, as a user's shell has it
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:steps=2",
          f"--workdir={tmp_path}", "--config.data.synthcxr.num_train=32", "--config.data.synthcxr.num_val=8",
          "--config.data.synthcxr.num_test=8"]
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "step 2/2" in done.stdout and f"checkpoints in {tmp_path}/checkpoints" in done.stdout
+  # It ends telling the user what to run next on this workdir, and without transformers' torch banner.
+  said = done.stdout.splitlines()
+  assert said[-4] == "next:" and f"-m launch.evaluate --checkpoint={tmp_path} --out={tmp_path}/eval" in said[-3]
+  assert f"-m launch.export --checkpoint={tmp_path} --out={tmp_path}/bundle" in said[-1]
+  assert "PyTorch was not found" not in done.stdout + done.stderr
   assert os.path.exists(tmp_path / "data" / "dataset_info.json")
   bad = subprocess.run(cmd[:4] + ["--config.optimizer.lr=1"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from avlm_jax import paths
+from avlm_jax import sentencepiece_tokenizer
 from avlm_jax.evaluate import dataset, localisation, metrics, registry
 from avlm_jax.evaluate.runner import evaluate_params
 from avlm_jax.tokenizer import TextTokenizer
@@ -33,7 +33,7 @@ class PeriodicEvals:
     self.every = config.evals.every_steps
     self.names = registry.enabled(config, config.evals.in_training)
     self.data_dir = config.evals.data_dir or data_dir
-    self.tokenizer = TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
+    self.tokenizer = TextTokenizer(sentencepiece_tokenizer.config_tokenizer_dir(config, data_dir))
     self.out_dir = os.path.join(workdir, "eval")
     self._sets = None
     self._box_prior: dict[str, Any] | None = None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avlm_jax import anatomy, paths, sharding
+from avlm_jax import anatomy, paths, sentencepiece_tokenizer, sharding
 from avlm_jax.models.anatomy_vlm import TEXT_KINDS, build_model
 from avlm_jax.tokenizer import TextTokenizer
 from avlm_jax.train.step import normalize_images
@@ -53,13 +53,14 @@ def workdir_of(checkpoint_dir: str) -> str | None:
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None) -> TextTokenizer:
-  """The tokenizer the model was trained with: data.tokenizer_dir, <data.dir>/tokenizer, or
-  <workdir>/data/tokenizer (the built-in corpus' default place)."""
+  """The tokenizer the model was trained with: data.tokenizer_dir, else the folder data.tokenizer
+  names (`tokenizer/`, or the SentencePiece one training made: sentencepiece_tokenizer) in
+  data.dir or <workdir>/data (the built-in corpus' default place)."""
   tried = []
   if config.data.tokenizer_dir:
     return TextTokenizer(paths.resolve(config.data.tokenizer_dir))
   for d in filter(None, (config.data.dir, workdir and os.path.join(workdir, "data"))):
-    candidate = os.path.join(d, "tokenizer")
+    candidate = sentencepiece_tokenizer.config_tokenizer_dir(config, d)
     if os.path.isdir(candidate):
       return TextTokenizer(candidate)
     tried.append(candidate)
@@ -115,24 +116,56 @@ def restore_params(config: ml_collections.ConfigDict, checkpoint: str, vocab_siz
   return nn.unbox(restored["state"].params)
 
 
-def baseline_config(config: ml_collections.ConfigDict, checkpoint: str) -> ml_collections.ConfigDict:
-  """The config a baseline checkpoint was trained with (saved beside it), evaluated with
-  `config`'s evaluator settings; its image size and labels must be `config`'s."""
-  from avlm_jax.train.checkpoint import ADDED_KEYS, Checkpointer, IncompatibleCheckpointError
+def saved_config(checkpoint: str) -> ml_collections.ConfigDict:
+  """The config `checkpoint` (anything `resolve_checkpoint` takes) was trained with, as saved beside
+  it (`config_from_saved`)."""
+  from avlm_jax.train.checkpoint import Checkpointer
 
   directory, step = resolve_checkpoint(checkpoint)
   ckpt = Checkpointer(directory)
   try:
-    saved = ml_collections.ConfigDict(ckpt.saved_config(step))
+    return config_from_saved(ckpt.saved_config(step))
   finally:
     ckpt.close()
-  for dotted, default in ADDED_KEYS.items():
+
+
+def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (JSON) as a ConfigDict: keys added to the project since it was written get the
+  values older checkpoints implied (ADDED_KEYS); keys this version no longer knows are dropped."""
+  from configs import common
+
+  from avlm_jax.train.checkpoint import ADDED_KEYS, flatten
+
+  saved = flatten(saved)
+  config = common.base_config()
+  known = flatten(json.loads(config.to_json()))
+  for dotted in known:
+    value = saved.get(dotted, ADDED_KEYS.get(dotted, known[dotted]))
     *parents, leaf = dotted.split(".")
-    node = saved
+    node = config
     for p in parents:
       node = node[p]
-    if leaf not in node:
-      node[leaf] = default
+    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
+  return config
+
+
+def expected_param_shapes(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, tuple[int, ...]]:
+  """'/'-joined parameter path -> shape of the model `config` describes (nothing is computed)."""
+  from flax import linen as nn
+
+  model = build_model(config.model, vocab_size)
+  shapes = jax.eval_shape(lambda: nn.unbox(_init_fn(model, config, config.data.max_prompt_len)(jax.random.key(0))))
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def baseline_config(config: ml_collections.ConfigDict, checkpoint: str) -> ml_collections.ConfigDict:
+  """The config a baseline checkpoint was trained with (saved beside it), evaluated with
+  `config`'s evaluator settings; its image size and labels must be `config`'s."""
+  from avlm_jax.train.checkpoint import IncompatibleCheckpointError
+
+  directory, step = resolve_checkpoint(checkpoint)
+  saved = saved_config(checkpoint)
   for key, ours, theirs in (("data.image_size", config.data.image_size, saved.data.image_size),
                             ("labels", list(config.labels), list(saved.labels))):
     if ours != theirs:

@@ -25,7 +25,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _picture(path: str, out_dir: str, alt: str) -> str:
-  return f"![{alt}]({os.path.relpath(path, out_dir)})\n"
+  """`path`: absolute, or relative to `out_dir` (as metrics.json stores it)."""
+  return f"![{alt}]({os.path.relpath(os.path.join(out_dir, path), out_dir)})\n"
 
 
 def _get(node: Any, *path: str) -> Any:

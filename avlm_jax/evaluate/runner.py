@@ -25,6 +25,7 @@ import numpy as np
 
 from avlm_jax.evaluate import dataset, label_frequency, localisation, metrics, registry, report
 from avlm_jax.evaluate.context import EvalContext
+from avlm_jax import bundle
 from avlm_jax.evaluate.model_runner import (ModelRunner, baseline_config, eval_data_dir, random_params,
                                             resolve_checkpoint, resolve_tokenizer, restore_params, workdir_of)
 from avlm_jax.tokenizer import TextTokenizer
@@ -52,17 +53,24 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, tokenizer: T
 def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_dir: str, *,
                         data_dir: str | None = None, names: Sequence[str] | None = None,
                         log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Everything `launch/evaluate.py` does; returns what it writes to `<out_dir>/metrics.json`."""
-  directory, step = resolve_checkpoint(checkpoint)
-  workdir = workdir_of(directory)
-  tokenizer = resolve_tokenizer(config, workdir)
+  """Everything `launch/evaluate.py` does; returns what it writes to `<out_dir>/metrics.json`.
+  `checkpoint` may be a model bundle (avlm_jax/bundle.py): its params, config and tokenizer."""
+  if bundle.is_bundle(checkpoint):
+    b = bundle.load(checkpoint, config)
+    directory, step, workdir = os.path.abspath(checkpoint), b.step, None
+    tokenizer = TextTokenizer(b.tokenizer_dir)
+    model_params: Callable[[], Any] = lambda: b.params  # noqa: E731
+  else:
+    directory, step = resolve_checkpoint(checkpoint)
+    workdir = workdir_of(directory)
+    tokenizer = resolve_tokenizer(config, workdir)
+    model_params = lambda: restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size)  # noqa: E731
   data_dir = data_dir or eval_data_dir(config, workdir)
   names = registry.enabled(config, names)
   log(f"evaluating {directory}/{step} on {data_dir}: {', '.join(names)}")
   sets = dataset.threshold_and_eval_sets(data_dir, config.data.image_size, config.evals.max_examples)
   # subject -> (its config, a function giving its params)
-  subjects: dict[str, tuple[ml_collections.ConfigDict, Callable[[], Any]]] = {
-      "model": (config, lambda: restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size))}
+  subjects: dict[str, tuple[ml_collections.ConfigDict, Callable[[], Any]]] = {"model": (config, model_params)}
   if config.evals.random_baseline:
     subjects["random_init"] = (config, lambda: random_params(config, tokenizer.vocab_size, config.seed + 1))
   if config.evals.holistic_checkpoint:
@@ -86,9 +94,20 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_
     train_dir = data_dir if dataset.has_split(data_dir, "train") else None
     results["subjects"][label_frequency.SUBJECT] = label_frequency.evaluate(config, sets, train_dir, names, log)
   os.makedirs(out_dir, exist_ok=True)
+  relative_pictures(results, out_dir)  # the folder can be moved or shared
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(metrics.to_json(results), f, indent=1, allow_nan=False)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(report.markdown(results, config, out_dir))
   log(f"wrote {out_dir}/metrics.json and {out_dir}/report.md")
   return results
+
+
+def relative_pictures(node: Any, out_dir: str) -> None:
+  """Every `pictures` entry of a result tree, in place: a path relative to `out_dir`."""
+  if isinstance(node, dict):
+    for key, value in node.items():
+      if key == "pictures" and isinstance(value, dict):
+        node[key] = {k: os.path.relpath(v, out_dir) if os.path.isabs(v) else v for k, v in value.items()}
+      else:
+        relative_pictures(value, out_dir)

@@ -64,6 +64,7 @@ class AnatomyViT(nn.Module):
   dtype: Dtype = jnp.float32
   scan: bool = False
   remat_policy: str = "none"
+  attention: str = "xla"  # 'xla' | 'cudnn' (layers.resolve_attention)
   gelu_approximate: bool = False  # True for big_vision / vit_jax checkpoints (trained with tanh GELU)
   pool: str = "cls"  # image-level pooling: cls | map | region (models/pooling.py)
 
@@ -105,7 +106,7 @@ class AnatomyViT(nn.Module):
         remat_policy=self.remat_policy, prefix="block",
         block_kwargs=dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
                           layer_norm_eps=1e-6, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                          gelu_approximate=self.gelu_approximate))
+                          gelu_approximate=self.gelu_approximate, attention=self.attention))
     x = layers.layer_norm(1e-6, self.dtype, "encoder_ln")(x)
 
     cls_out = x[:, 0]

@@ -7,6 +7,7 @@ The modules decide nothing about the mesh themselves.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,15 +35,66 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
   )
 
 
+ATTENTION_CHOICES = ("xla", "cudnn", "auto")
+
+
+def resolve_attention(choice: str, dtype: Dtype, dropout_rate: float, platform: str | None = None) -> str:
+  """`model.attention` -> the implementation a tower runs: 'cudnn' (flash attention through
+  `jax.nn.dot_product_attention`) where cuDNN can run it (a GPU, bf16/fp16, no attention dropout),
+  else 'xla' (the plain einsum-softmax-einsum path, softmax in float32). A choice that falls back
+  says so once (a UserWarning)."""
+  if choice not in ATTENTION_CHOICES:
+    raise ValueError(f"config.model.attention={choice!r}; expected one of {ATTENTION_CHOICES}")
+  if choice == "xla":
+    return "xla"
+  platform = platform or jax.default_backend()
+  why = None
+  if platform != "gpu":
+    why = f"the backend is {platform!r}, not a GPU"
+  elif jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    why = f"cuDNN flash attention needs bfloat16 or float16, the model computes in {jnp.dtype(dtype).name}"
+  elif dropout_rate > 0:
+    why = f"cuDNN flash attention has no attention dropout (dropout {dropout_rate})"
+  if why is None:
+    return "cudnn"
+  if choice == "cudnn":  # asked for explicitly: worth a word ('auto' falls back quietly)
+    warnings.warn(f"model.attention='cudnn' falls back to the XLA path: {why}", UserWarning, stacklevel=2)
+  return "xla"
+
+
+def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype,
+                    dropout: Callable[[jax.Array], jax.Array] = lambda w: w) -> jax.Array:
+  """(B, T, N, H) queries, keys, values -> (B, T, N, H); `mask` (B, S) with 1 for real keys."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(dtype)
+  if mask is not None:
+    big_neg = jnp.finfo(logits.dtype).min
+    logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
+  # Softmax in float32 whatever the compute dtype: it is the numerically fragile part.
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", dropout(weights), v)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    implementation: str = "cudnn") -> jax.Array:
+  """The same attention through `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU;
+  `implementation='xla'` runs this wiring anywhere, which is how the tests check it)."""
+  key_mask = None if mask is None else jnp.broadcast_to(
+      mask[:, None, None, :].astype(bool), (q.shape[0], 1, q.shape[1], k.shape[1]))
+  return jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=implementation)
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head self-attention with separate q/k/v projections (BERT/ViT layout).
 
   `mask` is `(batch, length)` with 1 for real tokens; padded keys get no attention weight.
+  `implementation`: 'xla' (`plain_attention`) or 'cudnn' (`fused_attention`), as
+  `resolve_attention` picks it from `model.attention`.
   """
 
   num_heads: int
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
@@ -59,14 +111,13 @@ class MultiHeadSelfAttention(nn.Module):
       return nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads", "act_kv"))
 
     q, k, v = proj("query"), proj("key"), proj("value")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-    if mask is not None:
-      big_neg = jnp.finfo(logits.dtype).min
-      logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
-    # Softmax in float32 whatever the compute dtype: it is the numerically fragile part.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if self.implementation == "cudnn":
+      y = fused_attention(q, k, v, mask)
+    elif self.implementation == "xla":
+      y = plain_attention(q, k, v, mask, self.dtype,
+                          lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=deterministic))
+    else:
+      raise ValueError(f"attention implementation {self.implementation!r}; expected 'xla' or 'cudnn'")
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads", "act_kv"))
     y = y.reshape(*x.shape[:-1], width)
     y = dense(width, ("heads", "embed"), self.dtype, "out")(y)
@@ -114,11 +165,12 @@ class EncoderBlock(nn.Module):
   dropout_rate: float = 0.0
   gelu_approximate: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # 'xla' | 'cudnn': resolve_attention's answer
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
     # `deterministic` is positional so `nn.remat(..., static_argnums=(3,))` can mark it static.
-    attn = MultiHeadSelfAttention(self.num_heads, self.dtype, self.dropout_rate, name="attention")
+    attn = MultiHeadSelfAttention(self.num_heads, self.dtype, self.dropout_rate, self.attention, name="attention")
     mlp = MlpBlock(self.mlp_dim, self.dtype, self.dropout_rate, self.gelu_approximate, name="mlp")
     ln_attn = layer_norm(self.layer_norm_eps, self.dtype, "attention_ln")
     ln_mlp = layer_norm(self.layer_norm_eps, self.dtype, "mlp_ln")

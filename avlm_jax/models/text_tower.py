@@ -35,6 +35,7 @@ class TextTower(nn.Module):
   dtype: Dtype = jnp.float32
   scan: bool = False
   remat_policy: str = "none"
+  attention: str = "xla"  # 'xla' | 'cudnn' (layers.resolve_attention)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -63,7 +64,7 @@ class TextTower(nn.Module):
         remat_policy=self.remat_policy, prefix="layer",
         block_kwargs=dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=False,
                           layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
-                          dtype=self.dtype))
+                          dtype=self.dtype, attention=self.attention))
 
     if self.pooling == "mean":
       m = mask[..., None].astype(jnp.float32)

@@ -16,10 +16,13 @@ RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
 # Keys under RESUME_KEYS that may change freely between runs (throughput knobs). Not
 # `data.num_workers`: Grain's in-process and multi-worker iterators save different states.
 RESUME_FREE = ("data.num_threads", "data.prefetch",
-               "data.max_bad_records")  # raising the limit after a stop must let the run go on
+               "data.max_bad_records",  # raising the limit after a stop must let the run go on
+               "model.attention")  # how attention runs, not what it computes: same params
 # Keys added after checkpoints were already written, with the value older checkpoints implied.
 ADDED_KEYS = {"model.image.anatomy_tokens": True, "model.image.pool": "cls",
-              "model.separate_text_projections": False}
+              "model.separate_text_projections": False, "data.tokenizer": "corpus",
+              "data.tokenizer_vocab_size": 1000, "data.tokenizer_model_type": "unigram",
+              "model.attention": "xla"}
 
 
 class IncompatibleCheckpointError(ValueError):

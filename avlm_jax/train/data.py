@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from avlm_jax import anatomy, paths, sharding
+from avlm_jax import anatomy, sentencepiece_tokenizer, sharding
 from avlm_jax.config_check import ConfigValueError
 from avlm_jax.tokenizer import TextTokenizer
 from data_pipelines import input_pipeline, schema, synthetic_shapes
@@ -20,8 +20,10 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, TextTokenizer]:
-  """Make sure the dataset exists (generating the built-in one if asked) and load its tokenizer."""
+  """Make sure the dataset exists (generating the built-in one if asked) and load its tokenizer
+  (training the config's SentencePiece tokenizer first if it asks for one not there yet)."""
   data_dir = resolve_data_dir(config, workdir)
+  tokenizer_dir = sentencepiece_tokenizer.config_tokenizer_dir(config, data_dir)  # a bad choice fails here
   if config.data.kind == "synthetic_shapes":
     if jax.process_index() == 0:
       syn = config.data.synthetic
@@ -44,7 +46,12 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[st
   elif config.data.kind != "array_record":
     raise ConfigValueError(f"config.data.kind={config.data.kind!r}; expected 'synthcxr', 'synthetic_shapes' or "
                      "'array_record'")
-  return data_dir, TextTokenizer(paths.resolve(config.data.tokenizer_dir or os.path.join(data_dir, "tokenizer")))
+  if jax.process_index() == 0:
+    sentencepiece_tokenizer.ensure(config, data_dir)  # trains a SentencePiece tokenizer on first use
+  if jax.process_count() > 1 and config.data.tokenizer == "sentencepiece":
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tokenizer ready")
+  return data_dir, TextTokenizer(tokenizer_dir)
 
 
 def bad_record_log(config: ml_collections.ConfigDict, workdir: str) -> input_pipeline.BadRecordLog | None:

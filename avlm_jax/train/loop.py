@@ -197,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_step = config.total_steps if stop_after is None else min(config.total_steps, first_step + stop_after)
   guard = faults.NonFiniteGuard(config.train.on_nonfinite, config.train.max_nonfinite_skips,
                                 last_good=first_step or None)
+  if first_step < last_step:
+    trainer.step_fn  # noqa: B018: compile now, before the watchdog times steps (a compile can take minutes)
   watchdog = faults.Watchdog(config.train.step_timeout_s)
   bad_records = train_data.bad_record_log(config, workdir)
   preempted = None

@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Iterable, TextIO
 
+from avlm_jax.paths import file_sha256
 from data_pipelines import schema
 from data_pipelines.mimic import bad_input, images, labels, layout, reports, scene_graph
 
@@ -160,14 +161,6 @@ def make_triple(roots: layout.Roots, study: layout.Study, opts: Options,
       id=f"p{study.subject_id}/s{study.study_id}/{study.dicom_id}", image=image, report=report,
       boxes=boxes, box_present=present, phrases=graph.phrases, findings=graph.findings,
       region_findings=graph.region_findings)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def convert_shard(task: ShardTask, roots: layout.Roots, opts: Options, out_dir: str) -> dict:
