@@ -19,10 +19,10 @@ _SHARED_RUNS = ("tiny_checkpoint", "holistic_checkpoint")
 def _xdist_group(item) -> str | None:
   """Which tests must share a pytest-xdist worker so that what they build is built once (with
   `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints and each expensive
-  fixture a test module defines. Those are session-scoped, not module-scoped: a worker runs its
-  groups' tests interleaved with other modules' tests, and pytest tears a module fixture down
-  whenever the next test comes from another module, so a module fixture was rebuilt for nearly
-  every test (measured: 3-4 rebuilds of ~45 s each). Tests that reuse a train step through
+  fixture a test module defines (session-scoped, so a worker never builds one twice). NOTE: these
+  markers, added at collection, do not reach pytest-xdist today (BENCHMARKS.md, "Budgets"; only
+  static `@pytest.mark.xdist_group` marks do), so such a fixture is built once per worker that
+  draws one of its tests. Tests that reuse a train step through
   `compiled_steps` carry their own `xdist_group` mark, one group per step (a group runs
   serially, so groups are kept small)."""
   if item.get_closest_marker("xdist_group") is not None:
