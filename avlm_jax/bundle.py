@@ -57,11 +57,14 @@ def _files(root: str) -> list[str]:
                 if os.path.isfile(p) and os.path.basename(p) != MANIFEST_FILE)
 
 
+def param_leaves(params: Any) -> dict[str, Any]:
+  """'/'-joined parameter path -> leaf (arrays, or shape structs from `jax.eval_shape`)."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = np.asarray(leaf)
-  return out
+  return {name: np.asarray(leaf) for name, leaf in param_leaves(params).items()}
 
 
 def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -115,9 +118,8 @@ def export(checkpoint: str, out: str, config: str | ml_collections.ConfigDict | 
 def _evaluation(directory: str, step: int) -> dict[str, Any] | None:
   """The newest `metrics.json` of an evaluation of this step beside the checkpoint, if any."""
   workdir = os.path.dirname(directory)
-  candidates = [p for p in glob.glob(os.path.join(workdir, "eval*", "metrics.json"))]
   mine = []
-  for path in candidates:
+  for path in glob.glob(os.path.join(workdir, "eval*", "metrics.json")):
     try:
       with open(path) as f:
         result = json.load(f)
@@ -180,12 +182,24 @@ def model_card(config: ml_collections.ConfigDict, flat: dict[str, np.ndarray], s
   return "\n".join(lines)
 
 
+def bundled_config(path: str) -> ml_collections.ConfigDict:
+  """The training config a bundle holds (no checksums, no params read)."""
+  from avlm_jax.evaluate.model_runner import config_from_saved
+
+  config_path = os.path.join(path, CONFIG_FILE)
+  try:
+    with open(config_path) as f:
+      return config_from_saved(json.load(f))
+  except (OSError, ValueError) as e:
+    raise BundleError(f"{config_path}: not a readable bundle config ({e})") from None
+
+
 def load(path: str, config: str | ml_collections.ConfigDict | None = None) -> Bundle:
   """Read a bundle, checking every file against the manifest and the params against the config's
   model; `config` (optional) must equal the bundle's on the keys that shape the model."""
   from safetensors.numpy import load_file
 
-  from avlm_jax.evaluate.model_runner import config_from_saved, expected_param_shapes
+  from avlm_jax.evaluate.model_runner import expected_param_shapes
   from avlm_jax.tokenizer import TextTokenizer
   from avlm_jax.train.checkpoint import config_differences
 
@@ -201,8 +215,7 @@ def load(path: str, config: str | ml_collections.ConfigDict | None = None) -> Bu
       raise BundleError(f"bundle {path}: {name} is missing")
     if file_sha256(file) != digest:
       raise BundleError(f"bundle {path}: {name} does not match its checksum in manifest.json (truncated or changed)")
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    bundled = config_from_saved(json.load(f))
+  bundled = bundled_config(path)
   if config is not None:
     from avlm_jax.interpret import load_config
     given = load_config(config)

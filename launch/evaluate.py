@@ -40,7 +40,7 @@ def main():
 
   try:
     if bundle.is_bundle(_CHECKPOINT.value):  # params, config and tokenizer from the folder
-      config = _CONFIG.value or bundle.load(_CHECKPOINT.value).config
+      config = _CONFIG.value or bundle.bundled_config(_CHECKPOINT.value)
       target, out = _CHECKPOINT.value, _OUT.value or os.path.join(_CHECKPOINT.value, "eval")
     else:
       directory, step = resolve_checkpoint(_CHECKPOINT.value)

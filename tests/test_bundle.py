@@ -77,9 +77,23 @@ def test_a_damaged_or_mismatched_bundle_is_named(exported, tmp_path):
 
 
 def test_the_evaluate_command_takes_a_bundle(exported, synthetic_dir, tmp_path):
-  from avlm_jax.evaluate.runner import evaluate_checkpoint
+  """`python -m launch.evaluate --checkpoint=<bundle>` with no --config, and a damaged bundle in one line."""
+  import subprocess
+  import sys
 
-  _, config, out = exported
-  res = evaluate_checkpoint(out, bundle.load(out).config, str(tmp_path), data_dir=synthetic_dir,
-                            names=["localisation"], log=lambda s: None)
-  assert res["step"] == 2 and 0 <= res["subjects"]["model"]["localisation"]["map50"] <= 1
+  _, _, out = exported
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "launch.evaluate", *a], cwd=root, env=env,  # noqa: E731
+                                  capture_output=True, text=True, timeout=300)
+  ok = run(f"--checkpoint={out}", f"--data_dir={synthetic_dir}", "--only=localisation", f"--out={tmp_path / 'eval'}")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  res = json.load(open(tmp_path / "eval" / "metrics.json"))
+  assert res["step"] == 2 and set(res["subjects"]) == {"model", "random_init", "box_prior"}
+  broken = tmp_path / "broken"
+  shutil.copytree(out, broken)
+  (broken / "tokenizer" / "tokenizer.json").write_text("{}")
+  bad = run(f"--checkpoint={broken}", f"--data_dir={synthetic_dir}", f"--out={tmp_path / 'e2'}")
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+  assert bad.stderr.strip().splitlines()[-1].endswith(
+      "tokenizer/tokenizer.json does not match its checksum in manifest.json (truncated or changed)")

@@ -155,8 +155,8 @@ def expected_param_shapes(config: ml_collections.ConfigDict, vocab_size: int) ->
 
   model = build_model(config.model, vocab_size)
   shapes = jax.eval_shape(lambda: nn.unbox(_init_fn(model, config, config.data.max_prompt_len)(jax.random.key(0))))
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  from avlm_jax.bundle import param_leaves
+  return {name: tuple(leaf.shape) for name, leaf in param_leaves(shapes).items()}
 
 
 def baseline_config(config: ml_collections.ConfigDict, checkpoint: str) -> ml_collections.ConfigDict:
