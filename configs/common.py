@@ -127,6 +127,14 @@ def base_config() -> ml_collections.ConfigDict:
            frozen=False,  # frozen: no updates; pooled features cached per distinct text
            init_from=""))  # a HF BERT-family folder, or pkg:<module>/<path> inside a wheel
 
+  # A frozen text tower's features (avlm_jax/train/text_cache.py, text_table.py). table: 'auto'
+  # reads <data.dir>/text_features/<tower id>/ when `python -m launch.precompute_text_features`
+  # has written it (else texts are encoded as they come), '' never reads a table, a path reads
+  # that table (which must exist and match the tower and tokenizer, else the run stops naming the
+  # field). cache_entries bounds the LRU cache of texts encoded during the run (the table's misses):
+  # at most cache_entries × model.text.width × 4 bytes (48 MiB for MiniLM's 384).
+  c.text_features = ml_collections.ConfigDict(dict(table="auto", cache_entries=32768))
+
   # L = anatomy_weight·(l1_weight·L1 + giou_weight·GIoU + presence_weight·BCE) + fine_weight·L_fine
   #     + global_weight·L_global; BCE trains each anatomy token's presence logit on box_present.
   # fine 4 and global 0.5 (with 'siglip' normalisation, i.e. 4× the old per-class mean) come from

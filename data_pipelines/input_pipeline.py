@@ -218,6 +218,30 @@ class TokenizeTexts(grain.transforms.Map):
     return element
 
 
+def possible_slot_texts(paths: Sequence[str], text_sampling: SamplingOptions | None,
+                        knowledge_path: str | None = None) -> set[str]:
+  """Every slot text the pipeline over `paths` can emit, whatever the seed or epoch: what
+  SampleRegionTexts can draw for each record (the record's own phrases with sampling off) and
+  the '' of slots without a text, which TokenizeTexts still tokenises. Records that do not
+  decode are skipped (the pipeline skips or stops at them)."""
+  from avlm_jax.knowledge import base as kb_base
+  from data_pipelines.region_text_sampling import possible_region_texts
+
+  kb = kb_base.load_knowledge_base(knowledge_path)
+  source = TripleSource(paths)
+  out = {""}
+  for i in range(len(source)):
+    try:
+      t = schema.decode(source[i][1])
+    except schema.RecordError:
+      continue
+    if text_sampling is None:
+      out.update(t.phrases)
+    else:
+      out |= possible_region_texts(t.phrases, kb, text_sampling, t.findings)
+  return out
+
+
 def make_dataset(paths: Sequence[str], *, seed: int, local_batch_size: int, image_size: int,
                  tokenizer: TextTokenizer, max_phrase_len: int, label_names: Sequence[str],
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,

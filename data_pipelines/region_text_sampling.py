@@ -31,6 +31,7 @@ from the pipeline seed and the example's index, so the draws are deterministic a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Iterable, Sequence
 
@@ -75,6 +76,12 @@ def present_findings(kb: kb_base.KnowledgeBase, phrases: Sequence[str], findings
   return out
 
 
+def _negation(kb: kb_base.KnowledgeBase, true: str) -> str | None:
+  """The false text of a finding sub-sentence, when the knowledge base can negate it."""
+  negated = kb.negate(true)
+  return negated if negated is not None and negated != true else None
+
+
 def sample_region_texts(phrases: Sequence[str], rng: np.random.Generator, kb: kb_base.KnowledgeBase,
                         opts: SamplingOptions, findings: Iterable[str] = ()) -> tuple[list[str], list[str]]:
   """29 phrases -> (29 true texts, 29 false texts); '' means the slot has no such text.
@@ -90,9 +97,8 @@ def sample_region_texts(phrases: Sequence[str], rng: np.random.Generator, kb: kb
       true = subs[int(rng.integers(len(subs)))]
       if rng.random() < opts.perturb_prob:
         true = kb.rephrase(true, rng)
-      negated = kb.negate(true)
-      false = negated if negated is not None and negated != true else prompts.hard_negative(
-          kb, region, rng, exclude=present)
+      negated = _negation(kb, true)
+      false = negated if negated is not None else prompts.hard_negative(kb, region, rng, exclude=present)
     elif opts.normal_regions:
       true = prompts.attribute_negative(kb, region, rng, exclude=present)
       false = prompts.hard_negative(kb, region, rng, exclude=present)
@@ -116,3 +122,49 @@ class SampleRegionTexts(grain.transforms.RandomMap):
     true, false = sample_region_texts(element.pop("phrases"), rng, kb, self.opts, element.pop("findings", ()))
     element["texts"] = true + false
     return element
+
+
+# --- every text the sampler can emit (for precomputed text features) ---------------------------
+# `possible_region_texts` follows `sample_region_texts` branch for branch, with each random draw
+# replaced by the full set it draws from (the same option functions): keep the two in step
+# (tests/test_text_table.py checks every sampled text is enumerated).
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _slot_options(kb: kb_base.KnowledgeBase, phrase: str, region: str, opts: SamplingOptions,
+                  present: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+  """(every true text, every false text) `sample_region_texts` can give this slot; '' included
+  where the slot may have no such text."""
+  subs = split_subsentences(phrase)
+  true, false = set(), set()
+  if subs:
+    for sub in subs:
+      for t in dict.fromkeys([sub, *kb.rephrasings(sub)] if opts.perturb_prob > 0 else [sub]):
+        true.add(t)
+        negated = _negation(kb, t)
+        if negated is not None:
+          false.add(negated)
+        else:
+          false.update(x for xs in prompts.hard_negative_options(kb, region, present).values() for x in xs)
+  elif opts.normal_regions:
+    true.update(x for xs in prompts.attribute_negative_options(kb, region, present).values() for x in xs)
+    false.update(x for xs in prompts.hard_negative_options(kb, region, present).values() for x in xs)
+  if not true:
+    true.add("")
+  if not false or not opts.false_texts:
+    false = {""}
+  style = lambda texts: frozenset(prompts.region_text(kb, t, region, opts.region_text_style) if t else ""
+                                  for t in texts)
+  return style(true), style(false)
+
+
+def possible_region_texts(phrases: Sequence[str], kb: kb_base.KnowledgeBase, opts: SamplingOptions,
+                          findings: Iterable[str] = ()) -> set[str]:
+  """Every text `sample_region_texts(phrases, rng, kb, opts, findings)` can return, for any rng
+  ('' when some slot can be left without a text)."""
+  present = frozenset(present_findings(kb, phrases, findings))
+  out: set[str] = set()
+  for phrase, region in zip(phrases, anatomy.REGION_NAMES):
+    true, false = _slot_options(kb, phrase, region, opts, present)
+    out |= true | false
+  return out

@@ -48,3 +48,27 @@ def test_cache_grows_past_its_chunk_size():
   np.testing.assert_array_equal(out, enc(tokens))
   assert len(cache) == 25
   np.testing.assert_array_equal(cache.features(tokens[:3]), out[:3])
+
+
+def test_the_lru_bound_holds_and_evicted_texts_come_back_the_same():
+  enc = CountingEncoder()
+  cache = TextFeatureCache(enc, width=3, rows=4, max_entries=4)
+  tokens = np.array([[2, i, 3] for i in range(5, 15)], np.int32)  # 10 distinct texts, 4 kept
+  np.testing.assert_array_equal(cache.features(tokens), enc(tokens))
+  assert len(cache) == 4 and cache.nbytes_bound == 4 * 3 * 4
+  for row in tokens:  # one at a time: each call evicts the least recently used
+    cache.features(row[None])
+    assert len(cache) <= 4
+  rows = enc.rows
+  np.testing.assert_array_equal(cache.features(tokens[-4:]), enc(tokens[-4:]))  # the 4 kept: no encoding
+  assert enc.rows == rows + 4  # (enc() above counted 4 rows itself)
+  for row in tokens[-4:]:  # used in this order: tokens[-4] is the next out
+    cache.features(row[None])
+  cache.features(tokens[:1])
+  before = enc.rows
+  cache.features(tokens[-1:])
+  assert enc.rows == before
+  cache.features(tokens[-4:-3])
+  assert enc.rows == before + 1  # evicted, encoded again
+  m = cache.metrics()
+  assert m["text_cache_size"] == 4 and 0 < m["text_features_hit_rate"] < 1 and "text_table_size" not in m

@@ -33,7 +33,7 @@ from avlm_jax.train.step import compile_grad_signal, compile_train_step, make_gr
 NOT_IN_STEP = ("log_every", "checkpoint_every", "max_checkpoints", "log_grad_signal", "evals", "distributed",
                "data.dir", "data.tokenizer_dir", "data.num_threads", "data.num_workers", "data.prefetch",
                "data.max_bad_records", "data.synthetic", "data.synthcxr", "train.step_timeout_s",
-               "train.max_nonfinite_skips")
+               "train.max_nonfinite_skips", "text_features")
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ from avlm_jax.train import pretrained
 from avlm_jax.train.compiled_steps import CompiledRun, CompiledSteps, compile_run, step_key
 from avlm_jax.train.prefetch import BatchPrefetcher
 from avlm_jax.train.state import StatePlan
+from avlm_jax.train import text_cache  # noqa: I001: the module (for_run) beside its class
 from avlm_jax.train.text_cache import TextFeatureCache
 
 
@@ -65,6 +66,8 @@ class Trainer:
   run: CompiledRun  # its `step_fn` is compiled on first use (see `step_fn` here)
   prompts: jax.Array | None = None  # tokens, or frozen-tower features, replicated on the mesh
   text_cache: TextFeatureCache | None = None
+  data_dir: str = ""  # where a precomputed text-feature table is looked for (text_features.table)
+  tokenizer: Any = None
   batch_keys: tuple[str, ...] = ()  # what the compiled step takes, in train_data.batch_spec order
   make_grad_signal: Any = None  # () -> compiled (state, batch, prompts) -> backbone gradient metrics
   _grad_signal: Any = None
@@ -102,8 +105,8 @@ class Trainer:
       text_params = jax.device_put(multihost_utils.process_allgather(state.params["text"], tiled=True),
                                    jax.local_devices()[0])
       encode = jax.jit(lambda params, tokens: self.model.text.apply({"params": params}, tokens)["pooled"])
-      self.text_cache = TextFeatureCache(lambda tokens: encode(text_params, tokens),
-                                         self.config.model.text.width)
+      self.text_cache = text_cache.for_run(self.config, lambda tokens: encode(text_params, tokens), text_params,
+                                           self.tokenizer, self.data_dir, _say)
       prompts = self.text_cache.features(self.prompt_tokens)
     else:
       prompts = self.prompt_tokens
@@ -143,7 +146,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: str, devices: list
   run = build() if compiled is None else compiled.get(step_key(config, tokenizer.vocab_size, mesh), build)
   mesh = run.mesh  # on a reuse: an equal mesh, the one the step's shardings name
   source = train_data.make_train_iterator(config, data_dir, tokenizer, workdir)
-  trainer = Trainer(config, mesh, run.model, None, prompts, run.plan, run, batch_keys=run.batch_keys)
+  trainer = Trainer(config, mesh, run.model, None, prompts, run.plan, run, batch_keys=run.batch_keys,
+                    data_dir=data_dir, tokenizer=tokenizer)
   if config.get("log_grad_signal", True):
     trainer.make_grad_signal = run.grad_signal_fn
   trainer.data_iter = BatchPrefetcher(source, trainer.prepare, config.data.prefetch)
@@ -231,6 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           scalars.update(signal or {})
           if bad_records is not None:
             scalars["bad_records"] = float(len(bad_records.entries()))
+          if trainer.text_cache is not None:  # table and cache hit rates, sizes
+            scalars.update(trainer.text_cache.metrics())
           if guard.policy == "skip":
             scalars["nonfinite_skipped"] = float(guard.skipped)
           else:
