@@ -90,9 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(
       dict(num_train=512, num_val=64, image_size=64, num_shards=4))
   # SynthCXR (data_pipelines/synthcxr/): DRRs of a real chest CT with exact anatomy and findings.
+  # patients: 'ct' (the one CT's anatomy, the corpus before issue 14) or 'v7_masks' (the CT warped
+  # onto real patients' lungs from the torchxrayvision wheel's masks; patients disjoint per split).
   c.data.synthcxr = ml_collections.ConfigDict(dict(
       num_train=512, num_val=64, num_test=64, image_size=128, num_shards=4, p_normal=0.4,
-      findings=SYNTHCXR_LABELS, workers=1))
+      findings=SYNTHCXR_LABELS, workers=1, patients="ct"))
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"

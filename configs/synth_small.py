@@ -59,7 +59,8 @@ def get_config(arg: str | None = None):
   if arg.data == "synthcxr":
     c.data.kind = "synthcxr"
     c.labels = common.SYNTHCXR_LABELS
-    c.data.synthcxr.update(dict(num_train=2048, num_val=256, num_test=256, image_size=96))
+    # Many patients' anatomy (issue 14); patients="ct" reproduces the one-CT corpus of the ablation.
+    c.data.synthcxr.update(dict(num_train=2048, num_val=256, num_test=256, image_size=96, patients="v7_masks"))
   elif arg.data == "shapes":
     c.data.synthetic.update(dict(num_train=2048, num_val=256, image_size=96, num_shards=4))
   else:

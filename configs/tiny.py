@@ -57,6 +57,7 @@ def get_config(arg: str | None = None):
     c.data.synthcxr.num_train = 512
     c.data.synthcxr.num_val = 64
     c.data.synthcxr.num_test = 64
+    c.data.synthcxr.patients = "v7_masks"  # many patients' anatomy; "ct" reproduces the one-CT corpus
     c.data.max_phrase_len = 24
   elif arg.data != "shapes":
     raise ValueError(f"tiny config: data={arg.data!r}; expected 'synthcxr' or 'shapes'")

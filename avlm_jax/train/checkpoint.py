@@ -22,7 +22,7 @@ RESUME_FREE = ("data.num_threads", "data.prefetch",
 ADDED_KEYS = {"model.image.anatomy_tokens": True, "model.image.pool": "cls",
               "model.separate_text_projections": False, "data.tokenizer": "corpus",
               "data.tokenizer_vocab_size": 1000, "data.tokenizer_model_type": "unigram",
-              "model.attention": "xla"}
+              "model.attention": "xla", "data.synthcxr.patients": "ct"}
 
 
 class IncompatibleCheckpointError(ValueError):

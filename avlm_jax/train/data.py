@@ -37,7 +37,8 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[st
       from data_pipelines.synthcxr import corpus, render
 
       sc = config.data.synthcxr
-      opts = render.RenderOptions(image_size=sc.image_size, p_normal=sc.p_normal, findings=tuple(sc.findings))
+      opts = render.RenderOptions(image_size=sc.image_size, p_normal=sc.p_normal, findings=tuple(sc.findings),
+                                  patients=sc.patients)
       corpus.ensure(data_dir, counts={"train": sc.num_train, "validation": sc.num_val, "test": sc.num_test},
                     seed=config.seed, opts=opts, num_shards=sc.num_shards, workers=sc.workers)
     if jax.process_count() > 1:

@@ -176,3 +176,65 @@ def unpack(bits: np.ndarray) -> np.ndarray:
   """uint32 (..., H, W) bit set → bool (..., H, W, 32); channel i = anatomy region i."""
   as_bytes = np.ascontiguousarray(bits.astype("<u4")).view(np.uint8).reshape(*bits.shape, 4)
   return np.unpackbits(as_bytes, axis=-1, bitorder="little").astype(bool)
+
+
+# The layout every study must keep, whatever patient its anatomy is warped onto (checked by
+# `layout_violations` on each patient of the bank before it is accepted; image coordinates).
+LAYOUT_RULES: dict[str, str] = {
+    "laterality": "the right lung's centre lies left of the left lung's centre in the image (PA view)",
+    "heart between the lungs": "the cardiac silhouette's centre lies between the two lungs' centres, and "
+                               "within the rows of the lungs",
+    "costophrenic angles at the bases": "each costophrenic angle lies in the lowest quarter of its lung's "
+                                        "height, lateral of the lung's centre",
+    "zones top to bottom": "each lung's upper, mid and lower zone centres run top to bottom",
+    "trachea midline": "the trachea's centre column lies within 10 % of the thorax width of the midpoint "
+                       "between the lungs' lateral edges on the trachea's rows",
+}
+_LAYOUT_NEEDS = ("right lung", "left lung", "cardiac silhouette", "trachea", "right costophrenic angle",
+                 "left costophrenic angle") + tuple(f"{s} {z} lung zone" for s in ("right", "left")
+                                                    for z in ("upper", "mid", "lower"))
+
+
+def layout_violations(regions: np.ndarray, tolerance: float = 1.0) -> list[str]:
+  """The `LAYOUT_RULES` that (H, W, 32) region masks break ('missing <region>' when a region the
+  rules need is absent); empty when the layout holds. `tolerance` < 1 tightens the two numeric
+  limits (the bank checks patients with a margin, so every pose and image size keeps the rules)."""
+  def centre(name):
+    ys, xs = np.nonzero(regions[..., anatomy.region_id(name)])
+    return (float(ys.mean()), float(xs.mean())) if ys.size else None
+
+  missing = [f"missing {n}" for n in _LAYOUT_NEEDS if centre(n) is None]
+  if missing:
+    return missing
+  out = []
+  right, left = centre("right lung"), centre("left lung")
+  if not right[1] < left[1]:
+    out.append("laterality")
+  heart = centre("cardiac silhouette")
+  lungs = regions[..., anatomy.region_id("right lung")] | regions[..., anatomy.region_id("left lung")]
+  top, bottom, lat_r, lat_l = extent(lungs)
+  if not (min(right[1], left[1]) < heart[1] < max(right[1], left[1]) and top <= heart[0] <= bottom):
+    out.append("heart between the lungs")
+  for side, c in (("right", right), ("left", left)):
+    t, b, _, _ = extent(regions[..., anatomy.region_id(f"{side} lung")])
+    cp_y, cp_x = centre(f"{side} costophrenic angle")
+    lateral = cp_x < c[1] if side == "right" else cp_x > c[1]
+    if not (cp_y >= b - 0.25 * tolerance * (b - t + 1) and lateral):
+      out.append("costophrenic angles at the bases")
+      break
+  for side in ("right", "left"):
+    rows = [centre(f"{side} {z} lung zone")[0] for z in ("upper", "mid", "lower")]
+    if not rows[0] < rows[1] < rows[2]:
+      out.append("zones top to bottom")
+      break
+  # Lateral edges on the trachea's own rows: an in-plane roll shifts them with the trachea.
+  t_top, t_bottom, _, _ = extent(regions[..., anatomy.region_id("trachea")])
+  band = lungs[t_top:t_bottom + 1]
+  if band.any():
+    _, _, band_r, band_l = extent(band)
+    midpoint = (band_r + band_l) / 2
+  else:
+    midpoint = (lat_r + lat_l) / 2
+  if abs(centre("trachea")[1] - midpoint) > 0.1 * tolerance * (lat_l - lat_r + 1):
+    out.append("trachea midline")
+  return out

