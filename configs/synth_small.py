@@ -16,7 +16,9 @@ attends over CLS + the 29 anatomy tokens (`model.image.pool='region'`); the imag
 SigLIP-normalised (sum over classes); fine 4, global 0.5 give each alignment term about a quarter
 of the backbone's gradient signal (logged as backbone_grad_share_*).
 Data: SynthCXR (2048 training studies rendered at 96 px, read at 64 px; built into
-<workdir>/data on first use, then reused), or with `data=shapes` the drawn-shapes corpus.
+<workdir>/data on first use, then reused; the CT warped onto real patients' lungs, or with
+`--config.data.synthcxr.patients=ct` the one-CT corpus of the ablation), or with `data=shapes`
+the drawn-shapes corpus.
 
   python -m launch.train --config=configs/synth_small.py --workdir=workdir/synth_small
   python -m launch.train --config=configs/synth_small.py:holistic --workdir=workdir/synth_small_holistic

@@ -1,8 +1,10 @@
 r"""Tiny Anatomy-VLM on a small SynthCXR corpus: the Quick-start job, and (data=shapes) the tests.
 
 2-layer ViT (width 32, 16 patches) with 29 anatomy tokens, 2-layer BERT-style text tower,
-batch 16. Builds its data into <workdir>/data on first use (cached; the CT projection bank is
-cached once per machine in ~/.cache/avlm_jax, or $AVLM_CACHE). Tokenizer: a SentencePiece unigram
+batch 16. Builds its data into <workdir>/data on first use (cached; the CT projection bank and the
+patient bank are cached once per machine in ~/.cache/avlm_jax, or $AVLM_CACHE). The corpus warps
+the CT onto real patients' lungs (`data.synthcxr.patients='v7_masks'`, which needs the
+torchxrayvision wheel); `--config.data.synthcxr.patients=ct` builds the one-CT corpus of before. Tokenizer: a SentencePiece unigram
 model (at most 1000 pieces; ~560 on this corpus) trained on the train reports and the knowledge
 base's texts into <workdir>/data/tokenizer_sentencepiece_unigram_1000 on first use
 (`data.tokenizer`; `python -m launch.train_tokenizer` trains one by hand; `data.tokenizer=corpus`
@@ -12,8 +14,9 @@ is the corpus' WordPiece).
   python -m launch.train --config=configs/tiny.py:steps=300,preset=fsdp --workdir=workdir/tiny_fsdp
   python -m launch.train --config=configs/tiny.py:data=shapes --workdir=workdir/tiny_shapes
 
-Expect (2-core CPU, one device, data=synthcxr; measured 2026-12-05): first run ~15 s to project
-the CT (once per machine), ~10 s to render 640 studies at 64 px and train the tokenizer, compile
+Expect (2-core CPU, one device, data=synthcxr on the one-CT corpus; measured 2026-12-05, not yet
+remeasured with patients): first run ~15 s to project the CT and ~12 s to build the patient bank
+(once per machine), ~10 s to render 640 studies at 64 px and train the tokenizer, compile
 ~11 s, then ~6 steps/s (~1 min in all once the CT is projected). The total loss (the weighted sum:
 region-phrase ×4, image-level ×0.5, box L1 ×5, GIoU ×2, presence) falls from ~33 (step 20) to ~17
 (step 200), the box terms fastest (L1 0.65 -> 0.09, GIoU 1.03 -> 0.36; region-phrase 6.3 -> 3.5).
