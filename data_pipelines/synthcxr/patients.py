@@ -314,13 +314,12 @@ def _check(anat, grid: np.ndarray, scale: float) -> tuple[str | None, np.ndarray
   return None, ctr1
 
 
-def build(ct_bank: dict[str, np.ndarray], zip_path: str, limit: int | None = None) -> dict[str, np.ndarray]:
-  """The patient bank (arrays; see `PatientBank`) of the masks in `zip_path` (the first `limit`
-  by name, for tests)."""
+def build(ct_bank: dict[str, np.ndarray], zip_path: str) -> dict[str, np.ndarray]:
+  """The patient bank's arrays (see `PatientBank`) from the masks in `zip_path`."""
   from data_pipelines.synthcxr.render import Anatomy
 
   start = time.time()
-  masks = read_masks(zip_path)[:limit]
+  masks = read_masks(zip_path)
   names = [m[0] for m in masks]
   codes = assign_splits(names, [m[1] for m in masks])
   anat = Anatomy(ct_bank)

@@ -228,13 +228,20 @@ def _pose_coords(anat: Anatomy, params: dict, size: int) -> tuple[np.ndarray, np
   top, bottom, left, right = geo["thorax"]
   centre = np.array([(top + bottom) / 2 + 0.06 * (bottom - top), (left + right) / 2])
   side = 1.18 * max(bottom - top, right - left) / params["zoom"]
+  r, c = _frame(centre, side, params, size)
+  return r, c, float(side * VOXEL_MM[0] / size)
+
+
+def _frame(centre, side: float, params: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(row, col) of every output pixel in the frame it is cut from: a square of `side` about
+  `centre`, under the pose's shift, aspect and in-plane roll."""
   n = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
   v, u = np.meshgrid(n, n, indexing="ij")  # v: down, u: right (normalised output coords)
   sy, sx = side * (1 + params["aspect"]), side * (1 - params["aspect"])
   a = np.deg2rad(params["roll_deg"])
   r = centre[0] + params["shift"][0] * side + np.cos(a) * v * sy + np.sin(a) * u * sx
   c = centre[1] + params["shift"][1] * side - np.sin(a) * v * sy + np.cos(a) * u * sx
-  return r, c, float(side * VOXEL_MM[0] / size)
+  return r, c
 
 
 def _grid_sample(grid: np.ndarray, r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,16 +263,9 @@ def film_coords(warp_grid: np.ndarray, scale: float, params: dict, size: int
   """Base-frame (row, col) of every output pixel of a patient's film under the pose (before the
   heart warp), and the pixel size in mm. The pose frames the whole film (letterboxed square) as
   `_pose_coords` frames the CT's thorax; `scale`: CT pixels per film pixel (the warp's affine part)."""
-  film = patients_lib.FILM
-  side = film / params["zoom"]
-  n = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-  v, u = np.meshgrid(n, n, indexing="ij")
-  sy, sx = side * (1 + params["aspect"]), side * (1 - params["aspect"])
-  a = np.deg2rad(params["roll_deg"])
-  centre = (film - 1) / 2
-  fr = centre + params["shift"][0] * side + np.cos(a) * v * sy + np.sin(a) * u * sx
-  fc = centre + params["shift"][1] * side - np.sin(a) * v * sy + np.cos(a) * u * sx
-  r, c = _grid_sample(warp_grid, fr, fc)
+  side = patients_lib.FILM / params["zoom"]
+  film_centre = (patients_lib.FILM - 1) / 2
+  r, c = _grid_sample(warp_grid, *_frame((film_centre, film_centre), side, params, size))
   return r, c, float(side * scale * VOXEL_MM[0] / size)
 
 
