@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from avlm_jax import fs
 from avlm_jax.paths import file_sha256
 
 PARAMS_FILE = "params.safetensors"
@@ -41,6 +42,8 @@ class BundleError(ValueError):
 
 
 def is_bundle(path: str) -> bool:
+  if fs.is_remote(path):
+    return fs.exists(fs.join(path, MANIFEST_FILE))
   return os.path.isfile(os.path.join(path, MANIFEST_FILE))
 
 
@@ -186,23 +189,24 @@ def bundled_config(path: str) -> ml_collections.ConfigDict:
   """The training config a bundle holds (no checksums, no params read)."""
   from avlm_jax.evaluate.model_runner import config_from_saved
 
-  config_path = os.path.join(path, CONFIG_FILE)
+  config_path = fs.join(path, CONFIG_FILE)
   try:
-    with open(config_path) as f:
-      return config_from_saved(json.load(f))
+    return config_from_saved(json.loads(fs.read_text(config_path)))
   except (OSError, ValueError) as e:
     raise BundleError(f"{config_path}: not a readable bundle config ({e})") from None
 
 
 def load(path: str, config: str | ml_collections.ConfigDict | None = None) -> Bundle:
   """Read a bundle, checking every file against the manifest and the params against the config's
-  model; `config` (optional) must equal the bundle's on the keys that shape the model."""
+  model; `config` (optional) must equal the bundle's on the keys that shape the model. A gs://
+  bundle is read from a local copy."""
   from safetensors.numpy import load_file
 
   from avlm_jax.evaluate.model_runner import expected_param_shapes
   from avlm_jax.tokenizer import TextTokenizer
   from avlm_jax.train.checkpoint import config_differences
 
+  path = fs.local_copy(path)
   manifest_path = os.path.join(path, MANIFEST_FILE)
   try:
     with open(manifest_path) as f:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from avlm_jax import anatomy, bundle
+from avlm_jax import anatomy, bundle, fs
 from avlm_jax.evaluate import pictures, scoring
 from avlm_jax.evaluate.model_runner import (ModelRunner, resolve_checkpoint, resolve_tokenizer, restore_params,
                                             saved_config, workdir_of)
@@ -173,7 +173,7 @@ def load(checkpoint: str, config: str | ml_collections.ConfigDict | None = None,
     from avlm_jax.tokenizer import TextTokenizer
     b = bundle.load(checkpoint, config)
     tokenizer = TextTokenizer(tokenizer_dir or b.tokenizer_dir)
-    return Interpreter(ModelRunner(b.config, b.params, tokenizer, batch_size=1, name=os.path.abspath(checkpoint)),
+    return Interpreter(ModelRunner(b.config, b.params, tokenizer, batch_size=1, name=fs.abspath(checkpoint)),
                        findings)
   config = saved_config(checkpoint) if config is None else load_config(config)
   directory, step = resolve_checkpoint(checkpoint)
@@ -182,5 +182,5 @@ def load(checkpoint: str, config: str | ml_collections.ConfigDict | None = None,
     tokenizer = TextTokenizer(tokenizer_dir)
   else:
     tokenizer = resolve_tokenizer(config, workdir_of(directory))
-  params = restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size)
+  params = restore_params(config, fs.join(directory, str(step)), tokenizer.vocab_size)
   return Interpreter(ModelRunner(config, params, tokenizer, batch_size=1, name=f"{directory}/{step}"), findings)

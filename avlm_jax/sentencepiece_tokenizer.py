@@ -30,7 +30,7 @@ from typing import Sequence
 
 import ml_collections
 
-from avlm_jax import paths
+from avlm_jax import fs, paths
 from avlm_jax.config_check import ConfigValueError
 from avlm_jax.tokenizer import _CHARS, SPECIAL_TOKENS, import_transformers
 
@@ -66,24 +66,29 @@ def config_tokenizer_dir(config: ml_collections.ConfigDict, data_dir: str) -> st
   if config.data.tokenizer_dir:
     return paths.resolve(config.data.tokenizer_dir)
   if kind == "corpus":
-    return os.path.join(data_dir, "tokenizer")
-  return os.path.join(data_dir, folder_name(config.data.tokenizer_vocab_size, config.data.tokenizer_model_type))
+    return fs.join(data_dir, "tokenizer")
+  return fs.join(data_dir, folder_name(config.data.tokenizer_vocab_size, config.data.tokenizer_model_type))
 
 
 def ensure(config: ml_collections.ConfigDict, data_dir: str) -> str:
   """`config_tokenizer_dir`, trained from `data_dir`'s train reports first when the config asks for
   a SentencePiece tokenizer that is not there yet (call on one process only)."""
   out = config_tokenizer_dir(config, data_dir)
-  if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_dir and not os.path.isdir(out):
-    train(corpus_texts(data_dir), out, vocab_size=config.data.tokenizer_vocab_size,
-          model_type=config.data.tokenizer_model_type)
+  if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_dir and not fs.isdir(out):
+    texts = corpus_texts(data_dir, skip_bad_records=config.data.max_bad_records > 0)
+    with fs.staged_dir(out) as local:  # a bucket gets the finished folder
+      train(texts, local, vocab_size=config.data.tokenizer_vocab_size,
+            model_type=config.data.tokenizer_model_type)
   return out
 
 
-def corpus_texts(data_dir: str, *, knowledge: bool = True, max_reports: int = 0) -> list[str]:
+def corpus_texts(data_dir: str, *, knowledge: bool = True, max_reports: int = 0,
+                 skip_bad_records: bool = False) -> list[str]:
   """What a corpus tokenizer is trained on: the reports of `data_dir`'s train split, in shard order
   (the first `max_reports` when > 0), then, with `knowledge`, the knowledge base's texts and the
-  region names, which the label prompts and sampled region texts are built from."""
+  region names, which the label prompts and sampled region texts are built from. With
+  `skip_bad_records`, records that do not decode are passed over (training, which reads them all,
+  lists them and enforces data.max_bad_records); else the first one raises, naming it."""
   from data_pipelines import input_pipeline, schema
 
   source = input_pipeline.TripleSource(schema.shard_paths(data_dir, "train"))
@@ -94,8 +99,9 @@ def corpus_texts(data_dir: str, *, knowledge: bool = True, max_reports: int = 0)
     try:
       texts.append(schema.decode(raw).report)
     except schema.RecordError as e:
-      path, j = source.locate(i)
-      raise schema.RecordError(f"{path}, record {j}: {e}") from None
+      if not skip_bad_records:
+        path, j = source.locate(i)
+        raise schema.RecordError(f"{path}, record {j}: {e}") from None
   if not any(t.strip() for t in texts):
     raise ValueError(f"{data_dir!r}: the train split holds no report text to train a tokenizer on")
   if knowledge:

@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from avlm_jax import fs
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:()-/'%+"
 
@@ -92,9 +94,9 @@ class TextTokenizer:
   """
 
   def __init__(self, tokenizer_dir: str):
-    if not os.path.isdir(tokenizer_dir):
+    if not fs.isdir(tokenizer_dir):
       raise FileNotFoundError(f"tokenizer folder {tokenizer_dir!r} does not exist")
-    self.tokenizer_dir = tokenizer_dir
+    self.tokenizer_dir = fs.local_copy(tokenizer_dir)  # a gs:// folder: read from a local copy
     self._local = threading.local()
 
   def __getstate__(self):

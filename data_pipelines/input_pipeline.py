@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from avlm_jax import anatomy
+from avlm_jax import anatomy, fs
 from avlm_jax.tokenizer import TextTokenizer, token_hash
 from data_pipelines import schema
 from data_pipelines.region_text_sampling import SampleRegionTexts, SamplingOptions
@@ -113,10 +113,9 @@ class BadRecordLog:
     self.path, self.limit = path, limit
 
   def entries(self) -> list[dict]:
-    if not os.path.exists(self.path):
+    if not fs.exists(self.path):
       return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fs.read_text(self.path).splitlines() if line.strip()]
 
   def add(self, shard: str, index: int, reason: str) -> None:
     seen = self.entries()
@@ -126,8 +125,12 @@ class BadRecordLog:
       raise schema.RecordError(f"{os.path.basename(shard)}, record {index}: {reason}; that is one bad record "
                                f"more than data.max_bad_records={self.limit} (the others are listed in "
                                f"{self.path})")
+    line = json.dumps({"shard": shard, "index": index, "reason": reason}) + "\n"
+    if fs.is_remote(self.path):  # an object cannot be appended to: rewritten whole (bad records are rare)
+      fs.write_text(self.path, "".join(json.dumps(e) + "\n" for e in seen) + line)
+      return
     with open(self.path, "a") as f:  # one short line per append: whole under O_APPEND
-      f.write(json.dumps({"shard": shard, "index": index, "reason": reason}) + "\n")
+      f.write(line)
 
 
 class DecodeTriple(grain.transforms.Map):

@@ -27,12 +27,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import flax.serialization
 import numpy as np
 
-from avlm_jax import anatomy
+from avlm_jax import anatomy, fs
 
 SCHEMA_VERSION = 1
 INFO_FILE = "dataset_info.json"
@@ -139,9 +139,9 @@ def decode(raw: bytes) -> Triple:
 
 def shard_paths(data_dir: str, split: str) -> list[str]:
   """The shards of `split`, sorted; a clear error if there are none."""
-  if not os.path.isdir(data_dir):
+  if not fs.isdir(data_dir):
     raise FileNotFoundError(f"dataset folder {data_dir!r} does not exist")
-  paths = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)
+  paths = sorted(fs.join(data_dir, f) for f in fs.listdir(data_dir)
                  if f.startswith(split + "-") and f.endswith(SHARD_SUFFIX))
   if not paths:
     raise FileNotFoundError(f"no '{split}-*{SHARD_SUFFIX}' shards in {data_dir!r}")
@@ -172,10 +172,27 @@ def write_info(data_dir: str, info: dict) -> None:
     json.dump({"schema_version": SCHEMA_VERSION, **info}, f, indent=2, sort_keys=True)
 
 
+def ensure_built(data_dir: str, params: dict, build: Callable[[str], object], *, what: str = "a corpus") -> str:
+  """`data_dir` (a folder or a gs:// URL) holding the corpus that `build(local_folder)` writes: built
+  unless one made with the same `params` is there already (the cache). A bucket gets the corpus
+  uploaded once it is complete, its dataset_info.json last, so a reader never sees half of one."""
+  info_path = fs.join(data_dir, INFO_FILE)
+  if fs.exists(info_path):
+    existing = json.loads(fs.read_text(info_path)).get("params")
+    if existing == params:
+      return data_dir
+    raise FileExistsError(f"{data_dir!r} holds {what} made with {existing}, but the config asks for "
+                          f"{params}; use another folder or delete it")
+  with fs.staged_dir(data_dir, last=(INFO_FILE,)) as local:
+    build(local)
+  return data_dir
+
+
 def read_info(data_dir: str) -> dict:
-  path = os.path.join(data_dir, INFO_FILE)
+  path = fs.join(data_dir, INFO_FILE)
   try:
-    with open(path) as f:
-      return json.load(f)
+    if not fs.exists(path):
+      raise FileNotFoundError(path)
+    return json.loads(fs.read_text(path))
   except FileNotFoundError:
     raise FileNotFoundError(f"{path} is missing: {data_dir!r} is not a triple dataset folder") from None

@@ -12,7 +12,6 @@ Records also carry exact `region_findings` (each finding in the region it was dr
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Iterator
 
@@ -233,15 +232,8 @@ def _params(num_train: int, num_val: int, seed: int, image_size: int, num_shards
 
 
 def ensure(data_dir: str, **kwargs) -> str:
-  """Generate the corpus into `data_dir` unless an identical one is already there."""
-  info_path = os.path.join(data_dir, schema.INFO_FILE)
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      existing = json.load(f).get("params")
-    wanted = _params(kwargs["num_train"], kwargs["num_val"], kwargs.get("seed", 0),
-                     kwargs.get("image_size", 64), kwargs.get("num_shards", 4))
-    if existing == wanted:
-      return data_dir
-    raise FileExistsError(f"{data_dir!r} holds a synthetic corpus made with {existing}, "
-                          f"but the config asks for {wanted}; use another folder or delete it")
-  return generate(data_dir, **kwargs)
+  """Generate the corpus into `data_dir` (a folder or a gs:// URL) unless an identical one is
+  already there."""
+  wanted = _params(kwargs["num_train"], kwargs["num_val"], kwargs.get("seed", 0),
+                   kwargs.get("image_size", 64), kwargs.get("num_shards", 4))
+  return schema.ensure_built(data_dir, wanted, lambda out: generate(out, **kwargs), what="a synthetic corpus")

@@ -31,18 +31,22 @@ flags.mark_flags_as_required(["out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from avlm_jax import fs
+  from data_pipelines import schema
   from data_pipelines.synthcxr import corpus, findings, render
 
   opts = render.RenderOptions(image_size=_SIZE.value, p_normal=_P_NORMAL.value,
                               findings=tuple(_FINDINGS.value or findings.FINDINGS), patients=_PATIENTS.value)
   counts = {"train": _TRAIN.value, "validation": _VAL.value, "test": _TEST.value}
-  out = corpus.generate(_OUT.value, counts=counts, seed=_SEED.value, opts=opts, num_shards=_SHARDS.value,
-                        workers=_WORKERS.value)
-  print(f"wrote {sum(counts.values())} studies to {out} (card: {out}/CARD.md, figure: {out}/example.png)")
-  if _TFDS.value:
-    from data_pipelines.synthcxr import tfds_builder
+  out = _OUT.value
+  with fs.staged_dir(out, last=(schema.INFO_FILE,)) as local:  # --out=gs://…: uploaded when complete
+    corpus.generate(local, counts=counts, seed=_SEED.value, opts=opts, num_shards=_SHARDS.value,
+                    workers=_WORKERS.value)
+    if _TFDS.value:
+      from data_pipelines.synthcxr import tfds_builder
 
-    print(f"TFDS dataset 'synthcxr' in {tfds_builder.prepare(out, _TFDS.value)}")
+      print(f"TFDS dataset 'synthcxr' in {tfds_builder.prepare(local, _TFDS.value)}")
+  print(f"wrote {sum(counts.values())} studies to {out} (card: {out}/CARD.md, figure: {out}/example.png)")
 
 
 if __name__ == "__main__":

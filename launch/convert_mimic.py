@@ -35,21 +35,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from avlm_jax import fs
+  from data_pipelines import schema
   from data_pipelines.mimic import bad_input, convert, layout
 
   try:
     opts = convert.Options(image_size=args.image_size, fmt=args.format, pad=args.pad,
                            shard_size=args.shard_size, strict=args.strict)
-    convert.convert(layout.Roots(args.mimic_root, args.imagenome_root, args.reports_root), args.out, opts,
-                    workers=args.workers)
-  except (bad_input.ConversionError, ValueError) as e:
+    # --out=gs://…: converted in a local folder named after the URL (a rerun resumes there),
+    # uploaded when complete.
+    with fs.staged_dir(args.out, last=(schema.INFO_FILE,), resumable=True) as local:
+      convert.convert(layout.Roots(args.mimic_root, args.imagenome_root, args.reports_root), local, opts,
+                      workers=args.workers)
+      if args.tfds_dir:
+        from data_pipelines.mimic import tfds_builder
+
+        path = tfds_builder.prepare(local, args.tfds_dir)
+        print(f"TFDS dataset prepared in {path}", file=sys.stderr)
+  except (bad_input.ConversionError, ValueError, fs.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  if args.tfds_dir:
-    from data_pipelines.mimic import tfds_builder
-
-    path = tfds_builder.prepare(args.out, args.tfds_dir)
-    print(f"TFDS dataset prepared in {path}", file=sys.stderr)
   return 0
 
 

@@ -30,9 +30,7 @@ flags.mark_flags_as_required(["checkpoint"])
 
 
 def main():
-  import os
-
-  from avlm_jax import bundle
+  from avlm_jax import bundle, fs
   from avlm_jax.evaluate.model_runner import CheckpointNotFoundError, resolve_checkpoint, saved_config, workdir_of
   from avlm_jax.evaluate.radiograph_io import ImageReadError
   from avlm_jax.evaluate.runner import evaluate_checkpoint
@@ -41,16 +39,17 @@ def main():
   try:
     if bundle.is_bundle(_CHECKPOINT.value):  # params, config and tokenizer from the folder
       config = _CONFIG.value or bundle.bundled_config(_CHECKPOINT.value)
-      target, out = _CHECKPOINT.value, _OUT.value or os.path.join(_CHECKPOINT.value, "eval")
+      target, out = _CHECKPOINT.value, _OUT.value or fs.join(_CHECKPOINT.value, "eval")
     else:
       directory, step = resolve_checkpoint(_CHECKPOINT.value)
-      target = os.path.join(directory, str(step))
+      target = fs.join(directory, str(step))
       config = _CONFIG.value or saved_config(target)
-      out = _OUT.value or os.path.join(workdir_of(directory) or directory, f"eval_{step}")
+      out = _OUT.value or fs.join(workdir_of(directory) or directory, f"eval_{step}")
     check_config_keys(config, common.base_config())
-    evaluate_checkpoint(target, config, out, data_dir=_DATA_DIR.value, names=_ONLY.value)
+    with fs.staged_dir(out) as local_out:  # a gs:// --out gets the finished folder
+      evaluate_checkpoint(target, config, local_out, data_dir=_DATA_DIR.value, names=_ONLY.value)
   except (KeyError, IncompatibleCheckpointError, CheckpointNotFoundError, FileNotFoundError,
-          ImageReadError, bundle.BundleError) as e:
+          ImageReadError, bundle.BundleError, fs.StorageError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
 

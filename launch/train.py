@@ -25,7 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main():
   import jax
 
-  from avlm_jax import distributed
+  from avlm_jax import distributed, fs
   from avlm_jax.train.checkpoint import CheckpointSaveError, IncompatibleCheckpointError
   from avlm_jax.config_check import ConfigValueError
   from avlm_jax.train.faults import NonFiniteError
@@ -37,7 +37,7 @@ def main():
     distributed.initialize(_CONFIG.value.distributed)  # multi-process runs only; before any device use
     out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # SIGTERM: saves, says so, returns (exit 0)
   except (KeyError, IncompatibleCheckpointError, distributed.CoordinatorUnreachableError, ConfigValueError,
-          NonFiniteError, CheckpointSaveError, RecordError) as e:
+          NonFiniteError, CheckpointSaveError, RecordError, fs.StorageError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
   if out["preempted"] is None and jax.process_index() == 0:
     print("\n".join(next_steps(_WORKDIR.value)), flush=True)

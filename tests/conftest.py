@@ -19,10 +19,7 @@ _SHARED_RUNS = ("tiny_checkpoint", "holistic_checkpoint")
 def _xdist_group(item) -> str | None:
   """Which tests must share a pytest-xdist worker so that what they build is built once (with
   `--dist loadgroup`, as tests/run.sh runs): the session's trained checkpoints and each expensive
-  fixture a test module defines (session-scoped, so a worker never builds one twice). NOTE: these
-  markers, added at collection, do not reach pytest-xdist today (BENCHMARKS.md, "Budgets"; only
-  static `@pytest.mark.xdist_group` marks do), so such a fixture is built once per worker that
-  draws one of its tests. Tests that reuse a train step through
+  fixture a test module defines (session-scoped, so a worker never builds one twice). Tests that reuse a train step through
   `compiled_steps` carry their own `xdist_group` mark, one group per step (a group runs
   serially, so groups are kept small)."""
   if item.get_closest_marker("xdist_group") is not None:
@@ -36,11 +33,12 @@ def _xdist_group(item) -> str | None:
   return None
 
 
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    group = _xdist_group(item)
-    if group is not None:
-      item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item):
+  # Per item, as it is collected: pytest-xdist's worker turns `xdist_group` marks into node ids in
+  # its own `pytest_collection_modifyitems`, which runs before a conftest's.
+  group = _xdist_group(item)
+  if group is not None:
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

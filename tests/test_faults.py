@@ -284,6 +284,8 @@ def _corpus_with_bad_records(synthetic_dir, tmp_path):
 
   data = tmp_path / "data"
   shutil.copytree(synthetic_dir, data)
+  for tokenizer in data.glob("tokenizer_sentencepiece_*"):  # trained again, over the bad shard too
+    shutil.rmtree(tokenizer)
   t = synthetic_shapes.make_triple(0, "train", 1000)
   truncated = synthetic_shapes.make_triple(0, "train", 1001)
   truncated.image = truncated.image[:40]

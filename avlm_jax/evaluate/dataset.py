@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from avlm_jax import anatomy
+from avlm_jax import anatomy, fs
 from data_pipelines import input_pipeline, schema
 
 THRESHOLD_SPLITS = ("validation", "val")  # the first one present chooses thresholds
@@ -56,8 +55,8 @@ class EvalSet:
     known = [i for i, rf in enumerate(self.region_findings) if rf is not None]
     out = np.zeros((len(known), anatomy.NUM_REGIONS, len(names)), bool)
     for j, i in enumerate(known):
-      for r, fs in enumerate(self.region_findings[i]):
-        out[j, r] = [n in fs for n in names]
+      for r, found in enumerate(self.region_findings[i]):
+        out[j, r] = [n in found for n in names]
     return out, np.asarray(known, np.int64)
 
   def mask_stack(self, structures: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,8 +114,8 @@ def load_split(data_dir: str, split: str, image_size: int, max_examples: int = 0
 
 
 def has_split(data_dir: str, split: str) -> bool:
-  return os.path.isdir(data_dir) and any(
-      f.startswith(split + "-") and f.endswith(schema.SHARD_SUFFIX) for f in os.listdir(data_dir))
+  return fs.isdir(data_dir) and any(
+      f.startswith(split + "-") and f.endswith(schema.SHARD_SUFFIX) for f in fs.listdir(data_dir))
 
 
 def threshold_and_eval_sets(data_dir: str, image_size: int, max_examples: int = 0) -> tuple[EvalSet, EvalSet]:

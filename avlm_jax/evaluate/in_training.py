@@ -13,14 +13,13 @@ model sizes trained on CPU and single hosts; a pod-scale run should evaluate sta
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from avlm_jax import sentencepiece_tokenizer
+from avlm_jax import fs, sentencepiece_tokenizer
 from avlm_jax.evaluate import dataset, localisation, metrics, registry
 from avlm_jax.evaluate.runner import evaluate_params
 from avlm_jax.tokenizer import TextTokenizer
@@ -34,7 +33,7 @@ class PeriodicEvals:
     self.names = registry.enabled(config, config.evals.in_training)
     self.data_dir = config.evals.data_dir or data_dir
     self.tokenizer = TextTokenizer(sentencepiece_tokenizer.config_tokenizer_dir(config, data_dir))
-    self.out_dir = os.path.join(workdir, "eval")
+    self.out_dir = fs.join(workdir, "eval")
     self._sets = None
     self._box_prior: dict[str, Any] | None = None
 
@@ -49,9 +48,9 @@ class PeriodicEvals:
     results = evaluate_params(self.config, host_params, self.tokenizer, self.data_dir, self.names,
                               sets=self._sets)
     if jax.process_index() == 0:
-      os.makedirs(self.out_dir, exist_ok=True)
-      with open(os.path.join(self.out_dir, f"step_{step}.json"), "w") as f:
-        json.dump(metrics.to_json({"step": step, **results}), f, indent=1, allow_nan=False)
+      fs.makedirs(self.out_dir)
+      fs.write_text(fs.join(self.out_dir, f"step_{step}.json"),
+                    json.dumps(metrics.to_json({"step": step, **results}), indent=1, allow_nan=False))
     scalars = registry.headline_scalars(results)
     if "localisation" in self.names:
       scalars.update(registry.headline_scalars(self._prior(), prefix="eval/box_prior/"))
@@ -62,8 +61,8 @@ class PeriodicEvals:
       train_dir = self.data_dir if dataset.has_split(self.data_dir, "train") else None
       self._box_prior = {"localisation": localisation.box_prior_result(train_dir, self._sets[1])}
       if jax.process_index() == 0:
-        with open(os.path.join(self.out_dir, "box_prior.json"), "w") as f:
-          json.dump(metrics.to_json(self._box_prior), f, indent=1, allow_nan=False)
+        fs.write_text(fs.join(self.out_dir, "box_prior.json"),
+                      json.dumps(metrics.to_json(self._box_prior), indent=1, allow_nan=False))
     return self._box_prior
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avlm_jax import anatomy, paths, sentencepiece_tokenizer, sharding
+from avlm_jax import anatomy, fs, paths, sentencepiece_tokenizer, sharding
 from avlm_jax.models.anatomy_vlm import TEXT_KINDS, build_model
 from avlm_jax.tokenizer import TextTokenizer
 from avlm_jax.train.step import normalize_images
@@ -30,18 +29,18 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
   """(checkpoints folder, step) for a step folder, a checkpoints folder (its latest step) or a
-  training workdir (its `checkpoints/`, latest step)."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  training workdir (its `checkpoints/`, latest step); a folder or a gs:// URL."""
+  path = fs.abspath(path)
+  if not fs.isdir(path):
     raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(base)
-  steps = [int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))]
+  base = fs.basename(path)
+  if base.isdigit() and fs.isdir(fs.join(path, "state")):
+    return path[:-len(base)].rstrip("/"), int(base)
+  steps = [int(d) for d in fs.listdir(path) if d.isdigit() and fs.isdir(fs.join(path, d, "state"))]
   if steps:
     return path, max(steps)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return resolve_checkpoint(os.path.join(path, "checkpoints"))
+  if fs.isdir(fs.join(path, "checkpoints")):
+    return resolve_checkpoint(fs.join(path, "checkpoints"))
   raise CheckpointNotFoundError(
       f"{path!r} holds no checkpoint: expected a step folder with a 'state' item (…/checkpoints/200), "
       "a checkpoints folder, or a training workdir")
@@ -49,7 +48,9 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
 
 def workdir_of(checkpoint_dir: str) -> str | None:
   """The training workdir a `<workdir>/checkpoints` folder belongs to."""
-  return os.path.dirname(checkpoint_dir) if os.path.basename(checkpoint_dir) == "checkpoints" else None
+  if fs.basename(checkpoint_dir) != "checkpoints":
+    return None
+  return checkpoint_dir.rstrip("/")[:-len("checkpoints")].rstrip("/")
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None) -> TextTokenizer:
@@ -59,9 +60,9 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = N
   tried = []
   if config.data.tokenizer_dir:
     return TextTokenizer(paths.resolve(config.data.tokenizer_dir))
-  for d in filter(None, (config.data.dir, workdir and os.path.join(workdir, "data"))):
+  for d in filter(None, (config.data.dir, workdir and fs.join(workdir, "data"))):
     candidate = sentencepiece_tokenizer.config_tokenizer_dir(config, d)
-    if os.path.isdir(candidate):
+    if fs.isdir(candidate):
       return TextTokenizer(candidate)
     tried.append(candidate)
   raise FileNotFoundError(f"no tokenizer for this config: tried {tried or ['(no data.dir, no workdir)']}; "
@@ -70,7 +71,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = N
 
 def eval_data_dir(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
   """The triple folder evaluators read: evals.data_dir, data.dir, or <workdir>/data."""
-  d = config.evals.data_dir or config.data.dir or (workdir and os.path.join(workdir, "data"))
+  d = config.evals.data_dir or config.data.dir or (workdir and fs.join(workdir, "data"))
   if not d:
     raise ValueError("no evaluation data: set --config.evals.data_dir (or data.dir)")
   return d

@@ -25,7 +25,7 @@ import numpy as np
 
 from avlm_jax.evaluate import dataset, label_frequency, localisation, metrics, registry, report
 from avlm_jax.evaluate.context import EvalContext
-from avlm_jax import bundle
+from avlm_jax import bundle, fs
 from avlm_jax.evaluate.model_runner import (ModelRunner, baseline_config, eval_data_dir, random_params,
                                             resolve_checkpoint, resolve_tokenizer, restore_params, workdir_of)
 from avlm_jax.tokenizer import TextTokenizer
@@ -64,7 +64,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_
     directory, step = resolve_checkpoint(checkpoint)
     workdir = workdir_of(directory)
     tokenizer = resolve_tokenizer(config, workdir)
-    model_params = lambda: restore_params(config, os.path.join(directory, str(step)), tokenizer.vocab_size)  # noqa: E731
+    model_params = lambda: restore_params(config, fs.join(directory, str(step)), tokenizer.vocab_size)  # noqa: E731
   data_dir = data_dir or eval_data_dir(config, workdir)
   names = registry.enabled(config, names)
   log(f"evaluating {directory}/{step} on {data_dir}: {', '.join(names)}")
@@ -78,7 +78,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, out_
     subjects["holistic"] = (holistic, lambda: restore_params(holistic, config.evals.holistic_checkpoint,
                                                              tokenizer.vocab_size))
   results: dict[str, Any] = {
-      "checkpoint": f"{directory}/{step}", "step": step, "data_dir": os.path.abspath(data_dir),
+      "checkpoint": f"{directory}/{step}", "step": step, "data_dir": fs.abspath(data_dir),
       "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "threshold_split": sets[0].name, "eval_split": sets[1].name, "subjects": {}}
   for subject, (subject_config, params_fn) in subjects.items():

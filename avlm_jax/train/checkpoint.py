@@ -4,12 +4,13 @@ the config that produced them; and the compatibility check made before any resto
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from avlm_jax import fs
 
 # Config subtrees that must match for a resume to be the same run (shapes, data order).
 RESUME_KEYS = ("model", "data", "labels", "seed", "batch_size")
@@ -71,7 +72,7 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items `state`, `data_iter` and `config`."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3):
-    self.directory = os.path.abspath(directory)
+    self.directory = fs.abspath(directory)  # a folder or a gs:// URL (orbax writes both)
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
@@ -167,14 +168,14 @@ class Checkpointer:
   def set_aside(self, step: int, error: BaseException, say) -> None:
     """Rename an unreadable step folder to `<step>.unreadable` (nothing is deleted), so training
     can save that step again."""
-    src = os.path.join(self.directory, str(step))
+    src = fs.join(self.directory, str(step))
     dst = f"{src}.unreadable"
     n = 1
-    while os.path.exists(dst):
+    while fs.exists(dst):
       n += 1
       dst = f"{src}.unreadable{n}"
     if jax.process_index() == 0:  # one process renames; the others wait for it
-      os.rename(src, dst)
+      fs.rename(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"set aside checkpoint {step}")

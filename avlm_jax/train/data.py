@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 import numpy as np
 
-from avlm_jax import anatomy, sentencepiece_tokenizer, sharding
+from avlm_jax import anatomy, fs, sentencepiece_tokenizer, sharding
 from avlm_jax.config_check import ConfigValueError
 from avlm_jax.tokenizer import TextTokenizer
 from data_pipelines import input_pipeline, schema, synthetic_shapes
@@ -16,7 +14,7 @@ from data_pipelines.region_text_sampling import SamplingOptions
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.dir or os.path.join(workdir, "data")
+  return config.data.dir or fs.join(workdir, "data")
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, TextTokenizer]:
@@ -59,7 +57,7 @@ def bad_record_log(config: ml_collections.ConfigDict, workdir: str) -> input_pip
   """`<workdir>/bad_records.jsonl` when config.data.max_bad_records > 0 (0: the first bad record stops)."""
   if config.data.max_bad_records <= 0:
     return None
-  return input_pipeline.BadRecordLog(os.path.join(workdir, "bad_records.jsonl"), config.data.max_bad_records)
+  return input_pipeline.BadRecordLog(fs.join(workdir, "bad_records.jsonl"), config.data.max_bad_records)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str, tokenizer: TextTokenizer,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from avlm_jax import fs
 from avlm_jax.config_check import ConfigValueError
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -66,6 +67,14 @@ def check_run_config(config) -> None:
 
 def check_workdir(workdir: str) -> None:
   """The workdir exists (it is created) and takes files; else one RunConfigError naming it."""
+  if fs.is_remote(workdir):  # a bucket: write and delete a probe object
+    probe = fs.join(workdir, f".write_probe_{os.getpid()}")
+    try:
+      fs.write_bytes(probe, b"")
+      fs.remove(probe)
+    except fs.StorageError as e:
+      raise RunConfigError(f"workdir {workdir} is not writable: {e}") from None
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from avlm_jax import sharding
+from avlm_jax import fs, sharding
 from avlm_jax.config_check import ConfigValueError
 from avlm_jax.losses import multiscale
 from avlm_jax.train import data as train_data
@@ -168,11 +167,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   faults.RunConfigError (a config value or workdir that cannot work; before anything is built),
   faults.NonFiniteError (nothing non-finite is ever saved) and checkpoint.CheckpointSaveError.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = fs.abspath(workdir)  # a folder or a gs:// URL
   faults.check_run_config(config)
   faults.check_workdir(workdir)
   config_json = json.loads(config.to_json())
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
+  ckpt = Checkpointer(fs.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints)
   # A checkpoint of another config stops the run before any compile; an unreadable one is set aside.
   first_step = ckpt.newest_readable_config(config_json, _say)
   trainer = build_trainer(config, workdir, devices, compiled)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -15,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+
+from avlm_jax import fs
 
 
 class MetricAccumulator:
@@ -65,38 +66,41 @@ def _logged_step(line: str) -> int | None:
 def trim_after(path: str, step: int) -> int:
   """Drop the lines of `path` (a metrics.jsonl) whose step is after `step`; returns how many.
   A line that does not parse (torn by a kill mid-write) is kept, ended with a newline, so nothing
-  is lost and the next line starts clean. Rewritten to a temporary file and renamed, so a crash
-  here leaves the old file whole."""
-  if not os.path.exists(path):
+  is lost and the next line starts clean. Rewritten whole (a temporary file and a rename locally, one
+  object upload on GCS), so a crash here leaves the old file whole."""
+  if not fs.exists(path):
     return 0
-  with open(path) as f:
-    lines = f.readlines()
+  lines = fs.read_text(path).splitlines(keepends=True)
   kept = []
   for line in lines:
     logged = _logged_step(line)
     if logged is None or logged <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
   if kept != lines:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    fs.write_text(path, "".join(kept))
   return len(lines) - len(kept)
 
 
 class MetricWriter:
-  """`metrics.jsonl` in the workdir always; TensorBoard summaries when clu's writers import."""
+  """`metrics.jsonl` in the workdir always; TensorBoard summaries when clu's writers import.
+
+  In a gs:// workdir, where an object cannot be appended to, the lines are kept here and the
+  object is rewritten at every write: a log step is rare next to a train step, and a run killed
+  between writes loses nothing a resume does not log again."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, resumed_from: int | None = None):
     """`resumed_from`: the step a resumed run restored. Lines of later steps (logged before a crash,
     and about to be logged again) are dropped, so each step appears once."""
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = fs.join(workdir, "metrics.jsonl")
     self.enabled = enabled
     self._tb = None
+    self._remote_text: str | None = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      fs.makedirs(workdir)
       if resumed_from is not None:
         trim_after(self.path, resumed_from)
+      if fs.is_remote(self.path):
+        self._remote_text = fs.read_text(self.path) if fs.exists(self.path) else ""
       try:  # clu.metric_writers needs TensorFlow (the optional `tensorboard` extra).
         from clu import metric_writers
         self._tb = metric_writers.create_default_writer(workdir, asynchronous=False)
@@ -106,8 +110,13 @@ class MetricWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+    line = json.dumps({"step": step, **scalars}, sort_keys=True) + "\n"
+    if self._remote_text is not None:
+      self._remote_text += line
+      fs.write_text(self.path, self._remote_text)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       self._tb.write_scalars(step, scalars)
       self._tb.flush()

@@ -295,14 +295,8 @@ def write_card(data_dir: str, per_split: dict, params: dict, seconds: float, ban
 
 def ensure(data_dir: str, *, counts: dict[str, int], seed: int = 0, opts: RenderOptions = RenderOptions(),
            num_shards: int = 4, workers: int = 1) -> str:
-  """Build the corpus into `data_dir` unless an identical one is already there (the cache)."""
-  info_path = os.path.join(data_dir, schema.INFO_FILE)
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      existing = json.load(f).get("params")
-    wanted = params_dict(counts, seed, opts, num_shards)
-    if existing == wanted:
-      return data_dir
-    raise FileExistsError(f"{data_dir!r} holds a corpus made with {existing}, but the config asks for "
-                          f"{wanted}; use another folder or delete it")
-  return generate(data_dir, counts=counts, seed=seed, opts=opts, num_shards=num_shards, workers=workers)
+  """Build the corpus into `data_dir` (a folder or a gs:// URL) unless an identical one is already
+  there (the cache)."""
+  return schema.ensure_built(
+      data_dir, params_dict(counts, seed, opts, num_shards),
+      lambda out: generate(out, counts=counts, seed=seed, opts=opts, num_shards=num_shards, workers=workers))
