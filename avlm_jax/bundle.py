@@ -120,6 +120,15 @@ def export(checkpoint: str, out: str, config: str | ml_collections.ConfigDict | 
 
 def _evaluation(directory: str, step: int) -> dict[str, Any] | None:
   """The newest `metrics.json` of an evaluation of this step beside the checkpoint, if any."""
+  if fs.is_remote(directory):  # a bucket: the evaluations' folders in listing order
+    workdir = directory.rstrip("/").rsplit("/", 1)[0]
+    for name in fs.listdir(workdir):
+      path = fs.join(workdir, name, "metrics.json")
+      if name.startswith("eval") and fs.exists(path):
+        result = json.loads(fs.read_text(path))
+        if result.get("step") == step and "subjects" in result:
+          return result
+    return None
   workdir = os.path.dirname(directory)
   mine = []
   for path in glob.glob(os.path.join(workdir, "eval*", "metrics.json")):
@@ -156,7 +165,9 @@ def model_card(config: ml_collections.ConfigDict, flat: dict[str, np.ndarray], s
       f"- Parameters: {sum(v.size for v in flat.values()):,} in {len(flat)} tensors.", "",
       "## Trained on", "",
       f"- Data kind `{config.data.kind}`, folder `{data}`"
-      + (" (SynthCXR: radiographs rendered from one real chest CT, with exact anatomy and synthetic findings)"
+      + (" (SynthCXR: radiographs rendered from one real chest CT"
+         + (", warped onto real patients' lung shapes" if config.data.synthcxr.get("patients") == "v7_masks" else "")
+         + ", with exact anatomy and synthetic findings)"
          if config.data.kind == "synthcxr" or "synth" in data.lower() else "") + ".",
       f"- {config.total_steps} steps of batch {config.batch_size}, seed {config.seed}.", "",
       "## Labels", "", ", ".join(config.labels), "",

@@ -2,10 +2,11 @@
 # Train on a Cloud TPU pod slice (or several slices): every worker runs this same command, e.g.
 #   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command \
 #     "cd avlm_jax && bash launch/tpu_pod.sh --config=configs/avlm_b16.py \
-#      --config.sharding.preset=fsdp --config.data.kind=array_record --config.data.dir=gs://... \
+#      --config.sharding.preset=fsdp --config.data.kind=array_record --config.data.dir=gs://bucket/synthcxr \
 #      --workdir=gs://bucket/run1"
 # JAX finds the coordinator, the process count and this worker's id from the TPU metadata
-# (avlm_jax/distributed.py, case 3); the workdir must be shared storage every worker can reach.
+# (avlm_jax/distributed.py, case 3); the workdir must be shared storage every worker can reach:
+# a gs:// URL works as is (README, "Data and checkpoints in a bucket": credentials, gcsfuse).
 # For multi-slice add --config.sharding.preset=hybrid --config.mesh_dcn.data=<number of slices>.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"

@@ -179,3 +179,11 @@ def test_a_pod_run_in_a_bucket_builds_trains_is_killed_resumes_exactly_and_evalu
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   metrics = json.loads(fs.read_text(f"{workdir}/eval_6/metrics.json"))
   assert metrics["checkpoint"] == f"{workdir}/checkpoints/6"
+
+  from avlm_jax import bundle, interpret
+
+  exported = bundle.export(workdir, str(tmp_path / "bundle"), log=lambda line: None)
+  card = open(os.path.join(exported, "README.md")).read()
+  assert "beside the free baselines" in card  # the bucket's evaluation of step 6, found beside the checkpoint
+  reading = interpret.load(workdir).interpret(np.zeros((64, 64), np.uint8))
+  assert len(reading.boxes) == 29 and set(reading.image_findings) <= set(synthcxr_tiny().labels)
