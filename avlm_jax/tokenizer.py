@@ -22,20 +22,27 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:()-/'%+"
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def import_transformers():
   """`transformers`, imported without its "PyTorch was not found" banner (this project uses only its
   tokenizers). The banner is an advisory warning: silenced for the import alone, the user's setting
-  restored after it."""
-  if "transformers" not in sys.modules:
-    before = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
-    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-    try:
-      import transformers  # noqa: F401
-    finally:
-      if before is None:
-        del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
-      else:
-        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = before
+  restored after it. Under a lock: the reader threads of a Grain worker reach their first text
+  together, and a thread that found the module half-imported by another failed on
+  `AutoTokenizer` ("partially initialized module")."""
+  with _IMPORT_LOCK:
+    if "transformers" not in sys.modules:
+      before = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+      os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+      try:
+        import transformers
+        transformers.AutoTokenizer  # noqa: B018: resolve the lazy attribute inside the lock
+      finally:
+        if before is None:
+          del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+          os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = before
   return sys.modules["transformers"]
 
 

@@ -238,3 +238,31 @@ def test_vocab_size_is_an_upper_bound(model_type, reports, tmp_path):
   info = json.load(open(os.path.join(folder, spt.INFO_FILE)))
   assert info["vocab_size"] == 100_000 and len(SPECIAL_TOKENS) < info["pieces"] < 5000
   assert TextTokenizer(folder).vocab_size == info["pieces"]
+
+
+_FIRST_USE_IN_THREADS = r"""
+import sys, threading
+sys.path.insert(0, {root!r})
+from avlm_jax.tokenizer import TextTokenizer
+tok = TextTokenizer({folder!r})
+barrier, errors = threading.Barrier(32), []
+def first_use():
+  barrier.wait()
+  try:
+    tok(["a normal heart"], 8)
+  except Exception as e:
+    errors.append(repr(e))
+threads = [threading.Thread(target=first_use) for _ in range(32)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(errors), errors[:1])
+"""
+
+
+def test_reader_threads_can_all_use_a_tokenizer_first_at_once(synthetic_dir):
+  """A Grain worker's reader threads reach their first text together, in a process that has not
+  imported transformers yet: none may see the module half-imported (it did, one run in three)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _FIRST_USE_IN_THREADS.format(root=root, folder=os.path.join(synthetic_dir, "tokenizer"))
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.split()[0] == "0", done.stdout + done.stderr[-2000:]
