@@ -25,7 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[
                                           lock_config=True)
 _DATA = flags.DEFINE_string("data", None, "The corpus folder (its train split is enumerated).")
 _OUT = flags.DEFINE_string("out", None, "Table folder (default: <data>/text_features/<tower id>).")
-_ROWS = flags.DEFINE_integer("rows", 256, "Texts per encoder call (rounded to whole rows per device).")
+_ROWS = flags.DEFINE_integer("rows", 64, "Texts per encoder call, rounded to whole rows per device (64: the "
+                             "training cache's chunk, so on one device the table holds bit for bit what "
+                             "training would encode).")
 _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 1 << 16, "Texts per table shard.")
 flags.mark_flags_as_required(["config", "data"])
 
