@@ -400,13 +400,17 @@ def test_evaluate_command_line(tiny_checkpoint, synthetic_dir, tmp_path):
           "--config.data.kind=array_record", f"--config.data.dir={synthetic_dir}"]
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "JAX_PLATFORMS": "cpu"}
   run = lambda *args: subprocess.run([*base, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  # --out relative to the working directory, as the README's commands write it.
   ok = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--checkpoint={workdir}", "--only=localisation",
-                       f"--out={tmp_path}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                       "--out=eval"], cwd=tmp_path, env={**env, "PYTHONPATH": root}, capture_output=True, text=True,
+                      timeout=300)
   assert ok.returncode == 0, ok.stderr[-2000:]
-  saved = json.load(open(tmp_path / "metrics.json"))
+  saved = json.load(open(tmp_path / "eval" / "metrics.json"))
   assert set(saved["subjects"]) == {"model", "random_init", "box_prior"}
   assert "map50" in saved["subjects"]["model"]["localisation"]
-  assert (tmp_path / "report.md").exists()
+  pictures = saved["subjects"]["model"]["localisation"]["pictures"]
+  assert pictures and all(p.startswith("pictures/") and (tmp_path / "eval" / p).is_file() for p in pictures.values())
+  assert "](pictures/" in (tmp_path / "eval" / "report.md").read_text()  # links that work from the report
   bad = run(f"--checkpoint={workdir}", "--config.evals.bogus=1")
   assert bad.returncode != 0 and "config key 'evals.bogus' does not exist" in bad.stderr
   missing = run(f"--checkpoint={tmp_path / 'nothere'}")

@@ -108,6 +108,7 @@ def relative_pictures(node: Any, out_dir: str) -> None:
   if isinstance(node, dict):
     for key, value in node.items():
       if key == "pictures" and isinstance(value, dict):
-        node[key] = {k: os.path.relpath(v, out_dir) if os.path.isabs(v) else v for k, v in value.items()}
+        # Relative paths are relative to the working directory, like out_dir itself.
+        node[key] = {k: os.path.relpath(os.path.abspath(v), os.path.abspath(out_dir)) for k, v in value.items()}
       else:
         relative_pictures(value, out_dir)
