@@ -41,7 +41,7 @@ def main():
     check_config_keys(_CONFIG.value, common.base_config())
     text_table.precompute(_CONFIG.value, _DATA.value, _OUT.value, rows=_ROWS.value,
                           shard_rows=_SHARD_ROWS.value, say=lambda line: print(line, flush=True))
-  except (KeyError, ConfigValueError, FileNotFoundError, RecordError) as e:
+  except (KeyError, ConfigValueError, FileNotFoundError, FileExistsError, RecordError) as e:
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
 
