@@ -113,6 +113,7 @@ def test_another_tower_or_tokenizer_is_refused_by_name(table, synthetic_dir):
     text_cache.for_run(run_cfg, None, other, tok, synthetic_dir, print)
 
 
+@pytest.mark.slow  # two short training runs (one compile): ~12-22 s on the 2-core CPU
 def test_training_on_the_table_matches_training_without_it(table, synthetic_dir, tmp_path, compiled_steps):
   """Same losses with and without the table; with it, every lookup is a table hit."""
   from avlm_jax.train.loop import train_and_evaluate
