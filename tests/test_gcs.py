@@ -122,6 +122,26 @@ def test_a_missing_object_or_bucket_is_one_line_naming_the_url(gcs):
     schema.shard_paths("gs://no-such-bucket-avlm/data", "train")
 
 
+def test_a_text_feature_table_in_the_bucket_is_found_checked_and_read(gcs, tmp_path):
+  from avlm_jax.train import text_table
+
+  identity = {field: f"{field}-of-this-tower" for field in text_table.IDENTITY_FIELDS}
+  identity["tower_id"] = "0123456789abcdef"
+  keys = np.array([7, 3, 11], np.int64)
+  features = np.arange(12, dtype=np.float32).reshape(3, 4)
+  local = str(tmp_path / "table")
+  text_table.write_table(local, keys, features, dict(identity))
+  data = f"{gcs}/with_table"
+  fs.upload_dir(local, text_table.default_path(data, identity), last=(text_table.MANIFEST,))
+  table = text_table.resolve_table("auto", data, identity, print)  # found under the bucket's data.dir
+  assert table.path == text_table.default_path(data, identity) and len(table) == 3
+  found, rows = table.lookup(np.array([3, 5, 11], np.int64))
+  assert found.tolist() == [True, False, True]
+  np.testing.assert_array_equal(rows, features[[1, 2]])
+  with pytest.raises(text_table.TextFeatureTableError, match="another tower"):
+    text_table.resolve_table("auto", data, {**identity, "params_sha256": "other"}, print)
+
+
 def _run(args, **kwargs):
   done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kwargs)

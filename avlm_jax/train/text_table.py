@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from avlm_jax import fs
 from avlm_jax.config_check import ConfigValueError
 from avlm_jax.tokenizer import TextTokenizer, token_hash
 
@@ -102,7 +103,7 @@ def tower_identity(config: ml_collections.ConfigDict, text_params: Any, tokenize
 
 
 def default_path(data_dir: str, identity: dict[str, Any]) -> str:
-  return os.path.join(data_dir, FOLDER, identity["tower_id"])
+  return fs.join(data_dir, FOLDER, identity["tower_id"])
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -230,8 +231,13 @@ class FeatureTable:
 
   @classmethod
   def open(cls, path: str, identity: dict[str, Any] | None = None) -> "FeatureTable":
-    """Open the table folder `path`; with `identity` (tower_identity of the run), refuse a table
-    another tower or tokenizer made, naming the table and the first field that differs."""
+    """Open the table folder `path` (a gs:// table from a local copy: its rows are memory-mapped);
+    with `identity` (tower_identity of the run), refuse a table another tower or tokenizer made,
+    naming the table and the first field that differs."""
+    if fs.is_remote(path):
+      table = cls.open(fs.local_copy(path), identity)
+      table.path = path
+      return table
     mf = os.path.join(path, MANIFEST)
     if not os.path.isfile(mf):
       raise TextFeatureTableError(f"text feature table {path}: no {MANIFEST} there (build one with "
@@ -283,13 +289,13 @@ def resolve_table(setting: str, data_dir: str, identity: dict[str, Any], say: Ca
     return None
   if setting == "auto":
     path = default_path(data_dir, identity)
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
       say(f"text features: no table for this tower at {path}; encoding texts as they come "
           "(python -m launch.precompute_text_features writes one)")
       return None
   else:
     path = setting
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
       raise TextFeatureTableError(f"text feature table {path} (text_features.table) does not exist")
   return FeatureTable.open(path, identity)
 
@@ -348,12 +354,13 @@ def build_table(config: ml_collections.ConfigDict, data_dir: str, tokenizer: Tex
   features = np.concatenate([encode_in_buckets(encode, t, rows, config.model.text.width) for t in tokens])
   t_enc = time.perf_counter() - t0
   path = out or default_path(data_dir, identity)
-  manifest = write_table(path, keys, features, {
-      **identity, "phrase_texts": len(phrases), "prompt_texts": len(prompt_texts),
-      "data_dir": os.path.abspath(data_dir), "text_sampling": config.data.text_sampling.to_dict(),
-      "labels": list(config.labels), "encode_seconds": round(t_enc, 2), "enumerate_seconds": round(t_enum, 2),
-      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, shard_rows)
-  manifest.update(path=path, bytes=table_bytes(path))
+  with fs.staged_dir(path, last=(MANIFEST,)) as local:  # a gs:// table: uploaded when whole
+    manifest = write_table(local, keys, features, {
+        **identity, "phrase_texts": len(phrases), "prompt_texts": len(prompt_texts),
+        "data_dir": fs.abspath(data_dir), "text_sampling": config.data.text_sampling.to_dict(),
+        "labels": list(config.labels), "encode_seconds": round(t_enc, 2), "enumerate_seconds": round(t_enum, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, shard_rows)
+    manifest.update(path=path, bytes=table_bytes(local))
   say(f"text features: {manifest['count']} rows × {manifest['dim']} ({manifest['bytes'] / 2**20:.1f} MiB, "
       f"{len(manifest['shards'])} shard(s)) encoded in {t_enc:.1f}s -> {path}")
   return manifest
