@@ -39,25 +39,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the data lives/is generat
 _AOT_TOPOLOGY = flags.DEFINE_string("aot_topology", "", "e.g. v5e:16x16 (TPU v5e-256), v4:2x2x2.")
 _AOT_PLATFORM = flags.DEFINE_string("aot_platform", "tpu", "Platform of --aot_topology.")
 _AOT_BATCH = flags.DEFINE_integer("aot_batch", 0, "Global batch for the AOT compile (default: the config's).")
+_AOT_BATCHES = flags.DEFINE_list("aot_batches", [], "Global batches for the AOT compiles, e.g. 1024,4096 "
+                                 "(overrides --aot_batch).")
+_ROOFLINE = flags.DEFINE_bool("roofline", True, "Report XLA's FLOPs and HBM bytes, collective bytes from the HLO "
+                              "and a roofline lower bound per row (on CPU against its measured peaks).")
 _AOT_ONLY = flags.DEFINE_bool("aot_only", False, "Only the ahead-of-time compiles: no run on the local "
                               "devices (so no training data is needed, only the tokenizer).")
 flags.mark_flags_as_required(["config"])
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched against
-# `device.device_kind` (first match wins, so the more specific names come first).
-PEAK_FLOPS = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
-    ("TPU v4", 275e12), ("TPU v6 lite", 918e12),
-)
-
-
-def peak_flops(device_kind: str) -> float | None:
-  for name, peak in PEAK_FLOPS:
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
-
+# Shared with launch/benchmark_gpu.py; re-exported here for callers of this module.
+from avlm_jax.train.benchmarking import (analytic_flops_per_example, measure_host_chip, memory_fields,  # noqa: E402
+                                         peak_flops, roofline_fields, xla_costs)
 
 def default_mesh(preset: str, n: int, tensor: int) -> tuple[dict, dict] | str:
   """(mesh sizes, mesh_dcn sizes) for `preset` over n devices, or why it cannot run here."""
@@ -78,50 +70,7 @@ def default_mesh(preset: str, n: int, tensor: int) -> tuple[dict, dict] | str:
   return f"unknown preset {preset!r}"
 
 
-def _transformer_macs(tokens: int, width: int, depth: int, mlp: int) -> float:
-  """Multiply-adds of `depth` encoder layers over one sequence: projections, MLP, attention."""
-  return depth * tokens * (4 * width * width + 2 * width * mlp + 2 * tokens * width)
-
-
-def analytic_flops_per_example(config, num_prompts: int) -> float:
-  """Model FLOPs of one training example: 2 × multiply-adds × 3 (forward + backward), matmuls only.
-
-  Counts the image tower, its heads, the text tower on the 29 region texts (or only the text
-  projection when a frozen tower's features come from the cache), the label prompts (shared by
-  the batch) and the (B·29)² region logits. Remat recomputation is not model FLOPs.
-  """
-  m, r, b = config.model, 29, config.batch_size
-  img, txt, e = m.image, m.text, m.embed_dim
-  grid = (config.data.image_size // img.patch_size) ** 2
-  macs = _transformer_macs(1 + r + grid, img.width, img.depth, img.mlp_dim)
-  macs += grid * img.patch_size ** 2 * img.width  # patch embedding (1 channel)
-  macs += r * (2 * img.width * img.width + 4 * img.width)  # box head
-  macs += r * 2 * img.width * e + img.width * e  # region and image projections
-  text_macs = lambda n_texts, length: n_texts * (_transformer_macs(length, txt.width, txt.depth, txt.mlp_dim)
-                                                 if not txt.frozen else 0)
-  macs += text_macs(r, config.data.max_phrase_len) + r * txt.width * e
-  macs += (text_macs(num_prompts, config.data.max_prompt_len) + num_prompts * txt.width * e) / b
-  macs += r * (r * b) * e + num_prompts * e  # region–phrase and image–label logits
-  return 2 * 3 * macs
-
-
-def _memory(compiled) -> dict:
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return {}
-  mib = lambda x: round(x / 2**20, 1)
-  total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-  return {"args_mib_per_device": mib(mem.argument_size_in_bytes), "temp_mib_per_device": mib(mem.temp_size_in_bytes),
-          "total_mib_per_device": mib(total)}
-
-
-def _xla_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
-def run_preset(config, preset: str, workdir: str) -> dict:
+def run_preset(config, preset: str, workdir: str, host_chip=None) -> dict:
   import jax
 
   from avlm_jax.train.loop import build_trainer
@@ -138,13 +87,18 @@ def run_preset(config, preset: str, workdir: str) -> dict:
   trainer = build_trainer(config, workdir)
   compiled = trainer.step_fn
   flops = analytic_flops_per_example(config, len(config.labels))
-  xla = _xla_flops(compiled)
+  xla = xla_costs(compiled)[0]
   dev = trainer.mesh.devices.flat[0]
   row = {"preset": preset, "device": dev.device_kind, "devices": n, "mesh": dict(trainer.mesh.shape),
          "batch": config.batch_size, "loss": config.loss.implementation, "compile_s": round(trainer.compile_s, 2),
          "flops_per_example": flops,
          # cost_analysis is per device (one SPMD partition): × devices / batch = per example.
-         "xla_flops_per_example": xla * n / config.batch_size if xla else None, **_memory(compiled)}
+         "xla_flops_per_example": xla * n / config.batch_size if xla else None, **memory_fields(compiled)}
+  if _ROOFLINE.value:
+    from avlm_jax.roofline import chip_for
+    chip = chip_for(dev.device_kind) or (host_chip if dev.platform == "cpu" else None)
+    per_slice = n // 2 if preset == "hybrid" else None
+    row.update(roofline_fields(compiled, chip, flops * config.batch_size / n, per_slice))
   if _STEPS.value:
     state = trainer.plan.initialize(jax.random.key(config.seed))
     trainer.start(state)
@@ -155,6 +109,8 @@ def run_preset(config, preset: str, workdir: str) -> dict:
     row.update({"median_step_s": round(median, 5), "examples_per_s": round(ex_s, 1),
                 "examples_per_s_per_device": round(ex_s / n, 1), "data_wait_fraction": round(times.data_wait_fraction, 3),
                 "mfu": round(flops * ex_s / (peak * n), 4) if peak else "n/a"})
+    if isinstance(row.get("roofline_s"), float):
+      row["measured/roofline"] = round(median / row["roofline_s"], 2)
   return row
 
 
@@ -205,8 +161,22 @@ def run_aot(config, preset: str, topology: str, platform: str, batch: int, workd
   t0 = time.perf_counter()
   step = make_train_step(model, tx, config.loss, config.seed, schedule.stage_starts(config.stages, config.total_steps))
   compiled = compile_train_step(step, plan, train_data.batch_spec(config), prompt_spec)
-  return {**row, "device": devices[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
-          "batch": config.batch_size, "compile_s": round(time.perf_counter() - t0, 2), **_memory(compiled)}
+  row = {**row, "device": devices[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
+         "batch": config.batch_size, "compile_s": round(time.perf_counter() - t0, 2), **memory_fields(compiled)}
+  flops = analytic_flops_per_example(config, len(config.labels))
+  row["flops_per_example"] = flops
+  if _OUT.value:  # the HLO, to re-read without recompiling (a paper-scale compile takes many minutes)
+    import gzip
+    os.makedirs(os.path.join(_OUT.value, "hlo"), exist_ok=True)
+    name = f"{preset}_{platform}_{topology.replace(':', '_')}_b{config.batch_size}.hlo.txt.gz"
+    with gzip.open(os.path.join(_OUT.value, "hlo", name), "wt") as f:
+      f.write(compiled.as_text())
+  if _ROOFLINE.value:
+    from avlm_jax.roofline import chip_for
+    per_slice = n // mesh_sizes[1]["data"] if mesh_sizes[1] else None
+    row.update(roofline_fields(compiled, chip_for(devices[0].device_kind), flops * config.batch_size / n,
+                               per_slice))
+  return row
 
 
 def markdown(rows: list[dict]) -> str:
@@ -230,6 +200,33 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def roofline_markdown(rows: list[dict]) -> str:
+  """Per row: the compiled step's costs per chip and its roofline bound (an estimate, not a measurement)."""
+  from avlm_jax.hlo_collectives import KINDS
+
+  short = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
+           "collective-permute": "CP"}
+  cols = ["preset", "chip", "devices", "batch", "XLA GFLOP/chip", "model GFLOP/chip", "HBM GB/chip",
+          "collectives MB/chip (" + "/".join(short[k] for k in KINDS) + ")", "wire MB/chip (DCN)",
+          "roofline ms (compute/HBM/ICI/DCN)", "bound by", "MFU bound", "measured ms", "measured/roofline"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  ms = lambda x: "n/a" if x is None else f"{x * 1e3:.3g}"
+  for r in rows:
+    if "roofline_s" not in r:
+      continue
+    coll = r["collective_bytes_per_chip"]
+    parts = r["roofline_parts_s"]
+    model = r["flops_per_example"] * r["batch"] / r["devices"]
+    preset = f"{r['preset']} (AOT {r['aot_topology']})" if "aot_topology" in r else r["preset"]
+    lines.append("| " + " | ".join(str(x) for x in [
+        preset, r["chip"], r["devices"], r["batch"], f"{r['xla_flops_per_chip'] / 1e9:.4g}", f"{model / 1e9:.4g}",
+        f"{r['hbm_bytes_per_chip'] / 1e9:.3g}", "/".join(f"{coll.get(k, 0) / 1e6:.4g}" for k in KINDS),
+        f"{r['collective_wire_bytes_per_chip'] / 1e6:.4g} ({r['dcn_wire_bytes_per_chip'] / 1e6:.3g})",
+        f"**{ms(r['roofline_s'])}** ({'/'.join(ms(parts[k]) for k in ('compute', 'hbm', 'ici', 'dcn'))})",
+        r["bound_by"], r["mfu_bound"], ms(r.get("median_step_s")), r.get("measured/roofline", "")]) + " |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   import jax
@@ -242,15 +239,30 @@ def main(argv):
   rows = []
   if _AOT_ONLY.value and not _AOT_TOPOLOGY.value:
     raise app.UsageError("--aot_only needs --aot_topology")
+  host_chip = None
+  if _ROOFLINE.value and not _AOT_ONLY.value and jax.devices()[0].platform == "cpu":
+    host_chip = measure_host_chip()
+    print(json.dumps({"host_chip": host_chip.name, "peak_flops": host_chip.peak_flops,
+                      "bytes_per_s": host_chip.hbm_bytes_per_s}), flush=True)
   for preset in [] if _AOT_ONLY.value else _PRESETS.value:
-    rows.append(run_preset(_CONFIG.value, preset, workdir))
+    rows.append(run_preset(_CONFIG.value, preset, workdir, host_chip))
     print(json.dumps(rows[-1]), flush=True)
   if _AOT_TOPOLOGY.value:
-    for preset in _PRESETS.value:
-      rows.append(run_aot(_CONFIG.value, preset, _AOT_TOPOLOGY.value, _AOT_PLATFORM.value, _AOT_BATCH.value,
-                          workdir))
-      print(json.dumps(rows[-1]), flush=True)
+    batches = [int(b) for b in _AOT_BATCHES.value] or [_AOT_BATCH.value]
+    for batch in batches:
+      for preset in _PRESETS.value:
+        rows.append(run_aot(_CONFIG.value, preset, _AOT_TOPOLOGY.value, _AOT_PLATFORM.value, batch, workdir))
+        print(json.dumps(rows[-1]), flush=True)
+        if _OUT.value and jax.process_index() == 0:  # keep what finished if a later compile is cut short
+          os.makedirs(_OUT.value, exist_ok=True)
+          with open(os.path.join(_OUT.value, "presets.partial.jsonl"), "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
   table = markdown(rows)
+  if any("roofline_s" in r for r in rows):
+    table += "\n\nRoofline (estimates from the compiled program and published chip figures):\n\n" + roofline_markdown(rows)
+    if host_chip is not None:
+      table += (f"\n\nCPU figures measured here: {host_chip.peak_flops / 1e9:.1f} GFLOP/s (f32 matmul), "
+                f"{host_chip.hbm_bytes_per_s / 1e9:.1f} GB/s (array copy).")
   print(table)
   if _OUT.value and jax.process_index() == 0:
     os.makedirs(_OUT.value, exist_ok=True)

@@ -1,0 +1,109 @@
+"""What the benchmark scripts share: model FLOPs, peak FLOP/s, compiled memory and costs, a roofline.
+
+launch/benchmark_presets.py (sharding presets, ahead-of-time pod compiles) and
+launch/benchmark_gpu.py (the GPU batch sweep) both report through these.
+"""
+
+import time
+
+from avlm_jax import hlo_collectives, roofline
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one chip of `device_kind` (None where unknown, e.g. a CPU)."""
+  chip = roofline.chip_for(device_kind)
+  return chip.peak_flops if chip else None
+
+
+def _transformer_macs(tokens: int, width: int, depth: int, mlp: int) -> float:
+  """Multiply-adds of `depth` encoder layers over one sequence: projections, MLP, attention."""
+  return depth * tokens * (4 * width * width + 2 * width * mlp + 2 * tokens * width)
+
+
+def analytic_flops_per_example(config, num_prompts: int) -> float:
+  """Model FLOPs of one training example: 2 × multiply-adds × 3 (forward + backward), matmuls only.
+
+  Counts the image tower, its heads, the text tower on the 29 region texts (or only the text
+  projection when a frozen tower's features come from the cache), the label prompts (shared by
+  the batch) and the (B·29)² region logits. Remat recomputation is not model FLOPs.
+  """
+  m, r, b = config.model, 29, config.batch_size
+  img, txt, e = m.image, m.text, m.embed_dim
+  grid = (config.data.image_size // img.patch_size) ** 2
+  macs = _transformer_macs(1 + r + grid, img.width, img.depth, img.mlp_dim)
+  macs += grid * img.patch_size ** 2 * img.width  # patch embedding (1 channel)
+  macs += r * (2 * img.width * img.width + 4 * img.width)  # box head
+  macs += r * 2 * img.width * e + img.width * e  # region and image projections
+  text_macs = lambda n_texts, length: n_texts * (_transformer_macs(length, txt.width, txt.depth, txt.mlp_dim)
+                                                 if not txt.frozen else 0)
+  macs += text_macs(r, config.data.max_phrase_len) + r * txt.width * e
+  macs += (text_macs(num_prompts, config.data.max_prompt_len) + num_prompts * txt.width * e) / b
+  macs += r * (r * b) * e + num_prompts * e  # region–phrase and image–label logits
+  return 2 * 3 * macs
+
+
+def memory_fields(compiled) -> dict:
+  """Compiled memory per device in MiB: arguments, temporaries, and their total with outputs − donated."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  mib = lambda x: round(x / 2**20, 1)
+  total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+  return {"args_mib_per_device": mib(mem.argument_size_in_bytes), "temp_mib_per_device": mib(mem.temp_size_in_bytes),
+          "total_mib_per_device": mib(total)}
+
+
+def xla_costs(compiled) -> tuple[float | None, float | None]:
+  """(FLOPs, bytes accessed) of one device's program, from XLA's cost analysis (None where absent)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost:
+    return None, None
+  return (float(cost["flops"]) if "flops" in cost else None,
+          float(cost["bytes accessed"]) if "bytes accessed" in cost else None)
+
+
+def measure_host_chip(seconds: float = 1.0):
+  """This CPU as a roofline `Chip`: peak from an f32 matmul, bandwidth from a large array copy.
+
+  Measured, not looked up: the best of a few repeats, on whatever else the machine is running.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def best(fn, *args):
+    out = fn(*args)
+    out.block_until_ready()
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+      t0 = time.perf_counter()
+      fn(*args).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    return min(times)
+
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  peak = 2 * n ** 3 / best(jax.jit(lambda x: x @ x), a)
+  big = jnp.ones((64 * 2**20 // 4,), jnp.float32)  # 64 MiB, well past the caches
+  copy_s = best(jax.jit(lambda x: x + 1.0), big)  # one read + one write per element
+  return roofline.Chip(f"{jax.devices()[0].device_kind} (measured)", peak, 2 * big.nbytes / copy_s, None, None)
+
+
+def roofline_fields(compiled, chip, model_flops_per_chip: float, devices_per_slice: int | None = None) -> dict:
+  """FLOPs, HBM bytes, collective bytes by kind and the roofline bound of one compiled step, per chip."""
+  flops, hbm = xla_costs(compiled)
+  coll = hlo_collectives.collective_stats(compiled.as_text(), devices_per_slice)
+  out = {"xla_flops_per_chip": flops, "hbm_bytes_per_chip": hbm,
+         "collective_bytes_per_chip": {k: v for k, v in coll.result_bytes.items() if v},
+         "collective_wire_bytes_per_chip": coll.total_wire_bytes, "dcn_wire_bytes_per_chip": coll.total_dcn_wire_bytes,
+         "unknown_trip_loops": coll.unknown_trip_loops}
+  if chip is None or flops is None or hbm is None:
+    return {**out, "roofline": "n/a (no chip figures or no XLA costs)"}
+  # XLA's cost analysis counts a while loop's body once (scan over layers), so it can fall below
+  # the model's own FLOPs; the compute bound takes whichever is larger.
+  est = roofline.estimate(flops=max(flops, model_flops_per_chip), hbm_bytes=hbm,
+                          ici_bytes=coll.total_wire_bytes - coll.total_dcn_wire_bytes,
+                          dcn_bytes=coll.total_dcn_wire_bytes, chip=chip, model_flops=model_flops_per_chip)
+  return {**out, "chip": chip.name, "roofline_s": est.bound_s, "bound_by": est.bound_by,
+          "roofline_parts_s": {"compute": est.compute_s, "hbm": est.hbm_s, "ici": est.ici_s, "dcn": est.dcn_s},
+          "mfu_bound": round(est.mfu_bound, 4) if est.mfu_bound is not None else None}

@@ -1,0 +1,122 @@
+"""Collective bytes read from the HLO of real compiled sharded functions on 8 fake CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from avlm_jax import hlo_collectives
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+
+
+def _hlo(fn, *specs, **jit_kw):
+  return jax.jit(fn, **jit_kw).lower(*specs).compile().as_text()
+
+
+def test_all_gather_of_a_known_array(mesh):
+  # A (64, 32) f32 array split over all 8 devices, gathered whole: one all-gather whose result is
+  # the full 8 KiB array, of which each device receives the 7/8 it does not hold.
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P(("a", "b"), None)))
+  stats = hlo_collectives.collective_stats(_hlo(lambda x: x * 2, x, out_shardings=NamedSharding(mesh, P())))
+  assert stats.result_bytes["all-gather"] == 64 * 32 * 4
+  assert stats.wire_bytes["all-gather"] == 64 * 32 * 4 * 7 / 8
+  assert stats.counts == {"all-gather": 1, "reduce-scatter": 0, "all-reduce": 0, "all-to-all": 0,
+                          "collective-permute": 0}
+  assert stats.total_dcn_wire_bytes == 0  # no slices given
+
+
+def test_all_reduce_and_slices(mesh):
+  # psum of each device's (4, 32) f32 block over "a": an all-reduce in groups of 2 devices, one
+  # from each half of the mesh, so with 4 devices per slice every group crosses slices.
+  x = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=NamedSharding(mesh, P("a", "b")))
+
+  def psum_over(axis):
+    return jax.shard_map(lambda b: jax.lax.psum(b, axis), mesh=mesh, in_specs=P("a", "b"), out_specs=P(None, "b")
+                         if axis == "a" else P("a", None))
+
+  stats = hlo_collectives.collective_stats(_hlo(psum_over("a"), x), devices_per_slice=4)
+  assert stats.result_bytes["all-reduce"] == 4 * 32 * 4
+  assert stats.wire_bytes["all-reduce"] == 2 * 4 * 32 * 4 * (2 - 1) / 2
+  assert stats.dcn_wire_bytes["all-reduce"] == stats.wire_bytes["all-reduce"]
+  # Over "b" the groups are devices 0-3 and 4-7: within a slice, all on ICI.
+  stats = hlo_collectives.collective_stats(_hlo(psum_over("b"), x), devices_per_slice=4)
+  assert stats.result_bytes["all-reduce"] == 4 * 32 * 4
+  assert stats.wire_bytes["all-reduce"] == 2 * 4 * 32 * 4 * 3 / 4
+  assert stats.total_dcn_wire_bytes == 0
+
+
+def test_scan_body_counts_once_per_iteration(mesh):
+  # FSDP-style: each of 5 scanned (32, 32) weights is sharded on "b" and all-gathered inside the loop.
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P(("a", "b"), None)))
+  w = jax.ShapeDtypeStruct((5, 32, 32), jnp.float32, sharding=NamedSharding(mesh, P(None, "b", None)))
+
+  def f(x, w):
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0].sum()
+
+  stats = hlo_collectives.collective_stats(_hlo(f, x, w))
+  assert stats.counts["all-gather"] == 5
+  assert stats.result_bytes["all-gather"] == 5 * 32 * 32 * 4
+  assert stats.wire_bytes["all-gather"] == 5 * 32 * 32 * 4 * 3 / 4
+  assert stats.unknown_trip_loops == 0
+
+
+def test_text_forms():
+  # Async pairs count at -done; iota and listed replica groups; a loop bounded by `i < 3` in its condition.
+  text = """HloModule m
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %constant.1 = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %constant.1), direction=LT
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %x = f32[4]{0} get-tuple-element(%p), index=1
+  %rs = f32[1]{0} reduce-scatter(%x), replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+  %cp = f32[4]{0} collective-permute(%x), source_target_pairs={{0,4},{4,0}}
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %x)
+}
+
+ENTRY %main (a: bf16[2,8]) -> bf16[16,8] {
+  %a = bf16[2,8]{1,0} parameter(0)
+  %ags = (bf16[2,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%a), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %w = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  ROOT %agd = bf16[16,8]{1,0} all-gather-done(%ags)
+}
+"""
+  stats = hlo_collectives.collective_stats(text, devices_per_slice=4)
+  assert stats.result_bytes["all-gather"] == 16 * 8 * 2
+  assert stats.counts["all-gather"] == 1
+  assert stats.result_bytes["reduce-scatter"] == 3 * 4
+  assert stats.wire_bytes["reduce-scatter"] == 3 * 4 * 3
+  assert stats.dcn_wire_bytes["collective-permute"] == 3 * 16
+  assert stats.dcn_wire_bytes["reduce-scatter"] == 0  # [2,4]<=[8]: {0..3}, {4..7}
+
+
+def test_shape_bytes():
+  assert hlo_collectives.shape_bytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, f32[], pred[4], s4[8])") == 12 + 4 + 4 + 4
+
+
+def test_roofline_fields_of_a_compiled_step(mesh):
+  # What the benchmark scripts report per row: XLA's costs, the collectives, and the bound.
+  from avlm_jax import roofline
+  from avlm_jax.train.benchmarking import roofline_fields
+
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P(("a", "b"), None)))
+  compiled = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, P())).lower(x).compile()
+  chip = roofline.Chip("slow links", peak_flops=1e12, hbm_bytes_per_s=1e12, ici_bytes_per_s=1e3, dcn_bytes_per_s=1e2)
+  f = roofline_fields(compiled, chip, model_flops_per_chip=8.0, devices_per_slice=4)
+  assert f["collective_bytes_per_chip"] == {"all-gather": 64 * 32 * 4}
+  # Gathering across both slices: 7/8 of 8 KiB arrive, all counted as DCN traffic here.
+  assert f["collective_wire_bytes_per_chip"] == f["dcn_wire_bytes_per_chip"] == 64 * 32 * 4 * 7 / 8
+  assert f["bound_by"] == "dcn" and f["roofline_s"] == pytest.approx(64 * 32 * 4 * 7 / 8 / 1e2)
+  assert f["xla_flops_per_chip"] is not None and f["hbm_bytes_per_chip"] > 0
+  assert roofline_fields(compiled, None, 8.0)["roofline"].startswith("n/a")
