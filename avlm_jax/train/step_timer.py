@@ -25,16 +25,25 @@ class StepTimes:
     return self.wait_s / self.wall_s
 
 
-def time_steps(trainer, state: Any, warmup: int, steps: int) -> tuple[Any, StepTimes]:
-  """Run `warmup` untimed steps, then `steps` timed ones, from a started `trainer`."""
+def time_steps(trainer, state: Any, warmup: int, steps: int, fixed_batch: bool = False) -> tuple[Any, StepTimes]:
+  """Run `warmup` untimed steps, then `steps` timed ones, from a started `trainer`.
+
+  `fixed_batch`: take one batch and step on it every time, so the times are the device step's
+  alone, whatever the input pipeline can feed (the wait is then ~0).
+  """
+  if fixed_batch:
+    one = trainer.next_batch()
+    next_batch = lambda: one  # noqa: E731
+  else:
+    next_batch = trainer.next_batch
   for _ in range(warmup):
-    state, _ = trainer.step_fn(state, trainer.next_batch(), trainer.prompts)
+    state, _ = trainer.step_fn(state, next_batch(), trainer.prompts)
   jax.block_until_ready(state)
   step_s, wait_s = [], 0.0
   t_all = time.perf_counter()
   for _ in range(steps):
     t0 = time.perf_counter()
-    batch = trainer.next_batch()
+    batch = next_batch()
     t1 = time.perf_counter()
     state, metrics = trainer.step_fn(state, batch, trainer.prompts)
     jax.block_until_ready(metrics)
