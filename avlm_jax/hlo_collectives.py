@@ -213,6 +213,66 @@ def _multipliers(comps: dict, entry: str) -> tuple[dict, int]:
   return mult, unknown
 
 
+def _dims(type_text: str) -> list[int]:
+  m = _SHAPE.search(type_text)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _conv_contraction(attrs: str, lhs: list, rhs: list, out: list) -> int | None:
+  """Multiply-adds per output element of a convolution: its input features (rhs 'i') times the
+  window along spatial dims that are real windows (output size differs from the input's). A
+  batched matmul written as a convolution turns its batch dims into spatial dims that keep
+  their size; those contribute one term, not their window."""
+  m = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", attrs)
+  if not m or (len(m.group(1)), len(m.group(2)), len(m.group(3))) != (len(lhs), len(rhs), len(out)):
+    return None
+  lhs_l, rhs_l, out_l = m.groups()
+  k = rhs[rhs_l.index("i")]
+  for label, size in zip(rhs_l, rhs):
+    if label.isdigit() and lhs[lhs_l.index(label)] != out[out_l.index(label)]:
+      k *= size
+  return k
+
+
+def matmul_flops(hlo_text: str) -> float:
+  """FLOPs of the program's dots and convolutions (2 × multiply-adds), loop bodies × trip count.
+
+  XLA's cost analysis counts a while loop's body once, so a model that scans over its layers
+  shows a fraction of its FLOPs there; this count runs each body as often as the loop does,
+  remat recomputation included. (TPU programs express matmuls as convolutions.)
+  """
+  comps, entry = _parse(hlo_text)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  mult, _ = _multipliers(comps, entry)
+  types = {name: type_text for instrs in comps.values() for name, type_text, _, _ in instrs}
+  total = 0.0
+  for comp, instrs in comps.items():
+    times = mult.get(comp, 0)
+    for _, type_text, opcode, attrs in instrs if times else ():
+      if opcode not in ("dot", "convolution"):
+        continue
+      operands = re.findall(r"%?([\w.\-]+)", attrs.partition(")")[0])
+      out = _dims(type_text)
+      if len(operands) < 2 or not out:
+        continue
+      if opcode == "dot":
+        lhs = _dims(types.get(operands[0], ""))
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
+        k = 1
+        for i in (int(x) for x in (m.group(1).split(",") if m else []) if x):
+          k *= lhs[i]
+      else:
+        k = _conv_contraction(attrs, _dims(types.get(operands[0], "")), _dims(types.get(operands[1], "")), out)
+        if k is None:
+          continue
+      n = 1
+      for d in out:
+        n *= d
+      total += 2.0 * n * k * times
+  return total
+
+
 def collective_stats(hlo_text: str, devices_per_slice: int | None = None) -> CollectiveStats:
   """Collective bytes per device of one compiled (partitioned) program; see the module docstring."""
   comps, entry = _parse(hlo_text)

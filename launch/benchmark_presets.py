@@ -45,11 +45,12 @@ _ROOFLINE = flags.DEFINE_bool("roofline", True, "Report XLA's FLOPs and HBM byte
                               "and a roofline lower bound per row (on CPU against its measured peaks).")
 _AOT_ONLY = flags.DEFINE_bool("aot_only", False, "Only the ahead-of-time compiles: no run on the local "
                               "devices (so no training data is needed, only the tokenizer).")
-flags.mark_flags_as_required(["config"])
+_REREAD = flags.DEFINE_list("reread", [], "Folders of earlier --aot_topology runs (--out): recompute their "
+                            "roofline rows from the saved HLO, without compiling (--config is then ignored).")
 
 # Shared with launch/benchmark_gpu.py; re-exported here for callers of this module.
 from avlm_jax.train.benchmarking import (analytic_flops_per_example, measure_host_chip, memory_fields,  # noqa: E402
-                                         peak_flops, roofline_fields, xla_costs)
+                                         peak_flops, roofline_fields, roofline_from_hlo, xla_costs)
 
 def default_mesh(preset: str, n: int, tensor: int) -> tuple[dict, dict] | str:
   """(mesh sizes, mesh_dcn sizes) for `preset` over n devices, or why it cannot run here."""
@@ -168,7 +169,7 @@ def run_aot(config, preset: str, topology: str, platform: str, batch: int, workd
   if _OUT.value:  # the HLO, to re-read without recompiling (a paper-scale compile takes many minutes)
     import gzip
     os.makedirs(os.path.join(_OUT.value, "hlo"), exist_ok=True)
-    name = f"{preset}_{platform}_{topology.replace(':', '_')}_b{config.batch_size}.hlo.txt.gz"
+    name = _hlo_name(row["aot_topology"], preset, config.batch_size)
     with gzip.open(os.path.join(_OUT.value, "hlo", name), "wt") as f:
       f.write(compiled.as_text())
   if _ROOFLINE.value:
@@ -200,13 +201,43 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _hlo_name(aot_topology: str, preset: str, batch: int) -> str:
+  return f"{preset}_{aot_topology.replace(':', '_')}_b{batch}.hlo.txt.gz"
+
+
+def reread(folder: str) -> list[dict]:
+  """The AOT rows of an earlier run (its presets.partial.jsonl), their roofline fields recomputed
+  from the HLO it saved and the XLA costs it recorded."""
+  import gzip
+
+  from avlm_jax.roofline import chip_for
+
+  rows = []
+  with open(os.path.join(folder, "presets.partial.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      path = os.path.join(folder, "hlo", _hlo_name(row["aot_topology"], row["preset"], row.get("batch", 0)))
+      if "skipped" in row or not os.path.exists(path):
+        rows.append(row)
+        continue
+      with gzip.open(path, "rt") as h:
+        text = h.read()
+      n = row["devices"]
+      per_slice = n // row["mesh"]["data"] if row["preset"] == "hybrid" else None
+      row.update(roofline_from_hlo(text, row["xla_flops_per_chip"], row["hbm_bytes_per_chip"], chip_for(row["device"]),
+                                   row["flops_per_example"] * row["batch"] / n, per_slice))
+      rows.append(row)
+  return rows
+
+
 def roofline_markdown(rows: list[dict]) -> str:
   """Per row: the compiled step's costs per chip and its roofline bound (an estimate, not a measurement)."""
   from avlm_jax.hlo_collectives import KINDS
 
   short = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
            "collective-permute": "CP"}
-  cols = ["preset", "chip", "devices", "batch", "XLA GFLOP/chip", "model GFLOP/chip", "HBM GB/chip",
+  cols = ["preset", "chip", "devices", "batch", "XLA GFLOP/chip", "HLO matmul GFLOP/chip", "model GFLOP/chip",
+          "HBM GB/chip",
           "collectives MB/chip (" + "/".join(short[k] for k in KINDS) + ")", "wire MB/chip (DCN)",
           "roofline ms (compute/HBM/ICI/DCN)", "bound by", "MFU bound", "measured ms", "measured/roofline"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -219,7 +250,8 @@ def roofline_markdown(rows: list[dict]) -> str:
     model = r["flops_per_example"] * r["batch"] / r["devices"]
     preset = f"{r['preset']} (AOT {r['aot_topology']})" if "aot_topology" in r else r["preset"]
     lines.append("| " + " | ".join(str(x) for x in [
-        preset, r["chip"], r["devices"], r["batch"], f"{r['xla_flops_per_chip'] / 1e9:.4g}", f"{model / 1e9:.4g}",
+        preset, r["chip"], r["devices"], r["batch"], f"{r['xla_flops_per_chip'] / 1e9:.4g}",
+        f"{r.get('hlo_matmul_flops_per_chip', 0) / 1e9:.4g}", f"{model / 1e9:.4g}",
         f"{r['hbm_bytes_per_chip'] / 1e9:.3g}", "/".join(f"{coll.get(k, 0) / 1e6:.4g}" for k in KINDS),
         f"{r['collective_wire_bytes_per_chip'] / 1e6:.4g} ({r['dcn_wire_bytes_per_chip'] / 1e6:.3g})",
         f"**{ms(r['roofline_s'])}** ({'/'.join(ms(parts[k]) for k in ('compute', 'hbm', 'ici', 'dcn'))})",
@@ -234,20 +266,23 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   from avlm_jax import distributed
 
-  distributed.initialize(_CONFIG.value.distributed)
+  if _CONFIG.value is None and not _REREAD.value:
+    raise app.UsageError("--config is required (unless --reread)")
+  if _CONFIG.value is not None:
+    distributed.initialize(_CONFIG.value.distributed)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="avlm_bench_")
-  rows = []
-  if _AOT_ONLY.value and not _AOT_TOPOLOGY.value:
+  rows = [row for folder in _REREAD.value for row in reread(folder)]
+  if _AOT_ONLY.value and not _AOT_TOPOLOGY.value and not _REREAD.value:
     raise app.UsageError("--aot_only needs --aot_topology")
   host_chip = None
-  if _ROOFLINE.value and not _AOT_ONLY.value and jax.devices()[0].platform == "cpu":
+  if _ROOFLINE.value and not (_AOT_ONLY.value or _REREAD.value) and jax.devices()[0].platform == "cpu":
     host_chip = measure_host_chip()
     print(json.dumps({"host_chip": host_chip.name, "peak_flops": host_chip.peak_flops,
                       "bytes_per_s": host_chip.hbm_bytes_per_s}), flush=True)
-  for preset in [] if _AOT_ONLY.value else _PRESETS.value:
+  for preset in [] if _AOT_ONLY.value or _REREAD.value else _PRESETS.value:
     rows.append(run_preset(_CONFIG.value, preset, workdir, host_chip))
     print(json.dumps(rows[-1]), flush=True)
-  if _AOT_TOPOLOGY.value:
+  if _AOT_TOPOLOGY.value and not _REREAD.value:
     batches = [int(b) for b in _AOT_BATCHES.value] or [_AOT_BATCH.value]
     for batch in batches:
       for preset in _PRESETS.value:

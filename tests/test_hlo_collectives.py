@@ -120,3 +120,39 @@ def test_roofline_fields_of_a_compiled_step(mesh):
   assert f["bound_by"] == "dcn" and f["roofline_s"] == pytest.approx(64 * 32 * 4 * 7 / 8 / 1e2)
   assert f["xla_flops_per_chip"] is not None and f["hbm_bytes_per_chip"] > 0
   assert roofline_fields(compiled, None, 8.0)["roofline"].startswith("n/a")
+
+
+def test_matmul_flops_count_every_iteration(mesh):
+  # 5 scanned (32, 32) layers on an (8, 32) block per device: 5 × 2·8·32·32 FLOPs per device,
+  # where XLA's cost analysis counts the loop body once.
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P(("a", "b"), None)))
+  w = jax.ShapeDtypeStruct((5, 32, 32), jnp.float32, sharding=NamedSharding(mesh, P()))
+  compiled = jax.jit(lambda x, w: jax.lax.scan(lambda h, wi: (h @ wi, None), x, w)[0]).lower(x, w).compile()
+  assert hlo_collectives.matmul_flops(compiled.as_text()) == 5 * 2 * 8 * 32 * 32
+  # A convolution as TPU programs write matmuls: out (4, 6), contracting 3 input features.
+  text = """HloModule m
+
+ENTRY %main (a: bf16[4,3], b: bf16[3,6]) -> bf16[4,6] {
+  %a = bf16[4,3]{1,0} parameter(0)
+  %b = bf16[3,6]{1,0} parameter(1)
+  ROOT %c = bf16[4,6]{1,0:T(8,128)(2,1)} convolution(%a, %b), dim_labels=bf_io->bf
+}
+"""
+  assert hlo_collectives.matmul_flops(text) == 2 * 4 * 6 * 3
+
+
+def test_convolution_forms():
+  # A patch embedding (a real 16×16 window, stride 16) and attention scores written as a
+  # convolution whose batch and head dims are spatial dims of unchanged size.
+  text = """HloModule m
+
+ENTRY %main (x: bf16[2,32,32,1], w: bf16[16,16,1,8], q: bf16[2,10,3,4], k: bf16[2,10,3,4]) -> bf16[2,2,2,8] {
+  %x = bf16[2,32,32,1]{3,2,1,0} parameter(0)
+  %w = bf16[16,16,1,8]{3,2,1,0} parameter(1)
+  %q = bf16[2,10,3,4]{3,2,1,0} parameter(2)
+  %k = bf16[2,10,3,4]{3,2,1,0} parameter(3)
+  %s = bf16[2,3,10,10]{3,2,1,0} convolution(%q, %k), window={size=2x3 pad=1_1x2_2 rhs_reversal=1x1}, dim_labels=0b1f_0o1i->01bf
+  ROOT %p = bf16[2,2,2,8]{3,2,1,0} convolution(%x, %w), window={size=16x16 stride=16x16}, dim_labels=b01f_01io->b01f
+}
+"""
+  assert hlo_collectives.matmul_flops(text) == 2 * (2 * 2 * 2 * 8) * 256 + 2 * (2 * 3 * 10 * 10) * 4
