@@ -37,13 +37,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the drawn data go (defaul
 
 def sweep_config(batch: int, dry: bool, res: int, attention: str):
   """avlm_b16 (or, dry, the tiny config) at `batch` on one device, on drawn shapes."""
-  from configs import avlm_b16, tiny
+  from configs import avlm_b16, common, tiny
 
   if dry:
     c = tiny.get_config(f"batch={batch},data=shapes")
   else:
     c = avlm_b16.get_config(f"res={res},batch={batch},preset=dp")
     c.data.kind = "synthetic_shapes"
+    c.labels = common.base_config().labels  # the drawn corpus' findings (CheXpert's 13 are not in it)
     c.data.synthetic.image_size = res
     c.data.synthetic.num_train = 512  # enough for the largest default batch; one batch is reused
     c.data.synthetic.num_val = 8

@@ -44,3 +44,16 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
       "benchmark_gpu: no GPU here (jax sees cpu); run on a GPU machine, or set AVLM_GPU_BENCHMARK_DRY=1 for the "
       "CPU dry run"]
   assert not (tmp_path / "out").exists()
+
+
+def test_gpu_sweep_config():
+  # What a GPU run builds: avlm_b16 in bf16 with cuDNN attention on one device, on drawn shapes
+  # whose findings are the labels (CheXpert's would stop the reader at the first record).
+  from configs import common
+  from launch.benchmark_gpu import sweep_config
+
+  c = sweep_config(128, dry=False, res=224, attention="cudnn")
+  assert (c.batch_size, c.data.image_size, c.data.synthetic.image_size) == (128, 224, 224)
+  assert (c.model.dtype, c.model.attention, c.model.image.width, c.model.image.depth) == ("bfloat16", "cudnn", 768, 12)
+  assert c.data.kind == "synthetic_shapes" and tuple(c.labels) == tuple(common.SYNTHETIC_LABELS)
+  assert dict(c.mesh) == {"data": 1, "fsdp": 1, "tensor": 1}
