@@ -1,4 +1,4 @@
-"""Collective traffic of a compiled SPMD program, read from its HLO text (`compiled.as_text()`).
+"""Collective traffic and matmul FLOPs of a compiled SPMD program, from its HLO (`compiled.as_text()`).
 
 Per device, for each kind (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute):
   - `result_bytes`: the summed result-shape bytes of its ops (the shapes of a partitioned program
@@ -7,8 +7,11 @@ Per device, for each kind (all-gather, reduce-scatter, all-reduce, all-to-all, c
     all-gather and all-to-all (n−1)/n of the result, reduce-scatter (n−1) × the result (its
     result is one shard), all-reduce 2(n−1)/n (reduce-scatter + all-gather), permute the result.
 Ops inside a while loop count once per iteration (XLA's `known_trip_count`, else N from a
-condition `i < N`; a loop with neither counts once and is reported in `unknown_trip_loops`). Async pairs count once, at their `-done`.
-With `devices_per_slice`, traffic of groups that span slices is reported apart as DCN traffic.
+condition `i < N`; a loop with neither counts once and is reported in `unknown_trip_loops`).
+Async pairs count once, at their `-done`. With `devices_per_slice`, traffic of groups that span
+slices is reported apart as DCN traffic. The kinds are the ops XLA emitted: the TPU compiler may
+write a gather as an all-reduce of zero-padded shards, whose wire estimate is then twice a gather's.
+`matmul_flops` counts the dots and convolutions the same way, once per loop iteration.
 """
 
 import dataclasses

@@ -170,7 +170,8 @@ def run_aot(config, preset: str, topology: str, platform: str, batch: int, workd
   step = make_train_step(model, tx, config.loss, config.seed, schedule.stage_starts(config.stages, config.total_steps))
   compiled = compile_train_step(step, plan, train_data.batch_spec(config), prompt_spec)
   row = {**row, "device": devices[0].device_kind, "devices": n, "mesh": dict(mesh.shape),
-         "batch": config.batch_size, "compile_s": round(time.perf_counter() - t0, 2), **memory_fields(compiled)}
+         "batch": config.batch_size, "loss": config.loss.implementation,
+         "compile_s": round(time.perf_counter() - t0, 2), **memory_fields(compiled)}
   flops = analytic_flops_per_example(config, len(config.labels))
   row["flops_per_example"] = flops
   if _OUT.value:  # the HLO, to re-read without recompiling (a paper-scale compile takes many minutes)
