@@ -9,7 +9,7 @@ Per device, for each kind (all-gather, reduce-scatter, all-reduce, all-to-all, c
 Ops inside a while loop count once per iteration (XLA's `known_trip_count`, else N from a
 condition `i < N`; a loop with neither counts once and is reported in `unknown_trip_loops`).
 Async pairs count once, at their `-done`. With `devices_per_slice`, traffic of groups that span
-slices is reported apart as DCN traffic. The kinds are the ops XLA emitted: the TPU compiler may
+slices also counts what must cross between slices, per chip, as DCN traffic. The kinds are the ops XLA emitted: the TPU compiler may
 write a gather as an all-reduce of zero-padded shards, whose wire estimate is then twice a gather's.
 `matmul_flops` counts the dots and convolutions the same way, once per loop iteration.
 """
@@ -118,8 +118,8 @@ def _iota_members(attrs: str) -> list[list[int]] | None:
 @dataclasses.dataclass
 class CollectiveStats:
   result_bytes: dict  # kind -> bytes per device
-  wire_bytes: dict  # kind -> bytes one device receives at least, over ICI (or any link if no slices given)
-  dcn_wire_bytes: dict  # kind -> the part of it whose groups span slices
+  wire_bytes: dict  # kind -> bytes one device receives at least, over any link
+  dcn_wire_bytes: dict  # kind -> bytes it must at least receive across slices (hierarchical collectives)
   counts: dict  # kind -> executed ops (trip counts applied)
   unknown_trip_loops: int
 
@@ -308,15 +308,28 @@ def collective_stats(hlo_text: str, devices_per_slice: int | None = None) -> Col
       result[kind] += nbytes * times
       wire[kind] += moved * times
       counts[kind] += times
-      if devices_per_slice and _spans_slices(attrs, kind, devices_per_slice):
-        dcn[kind] += moved * times
+      if devices_per_slice:
+        dcn[kind] += _dcn_bytes(attrs, kind, nbytes, devices_per_slice) * times
   return CollectiveStats(result, wire, dcn, counts, unknown)
 
 
-def _spans_slices(attrs: str, kind: str, per_slice: int) -> bool:
+def _dcn_bytes(attrs: str, kind: str, nbytes: float, per_slice: int) -> float:
+  """What one chip must at least receive across slices for this op (0 if its groups stay in one).
+
+  A group of n devices over s slices, m = n/s in each: the data that must enter a slice from the
+  others, shared by its m chips (a hierarchical collective: ICI inside, DCN across). That is
+  (s−1)/s of the gathered data (all-gather, all-to-all), of the scattered input (reduce-scatter,
+  n × its result), twice that for an all-reduce. A permute pair across slices moves its result.
+  """
   if kind == "collective-permute":
     m = _PAIRS.search(attrs)
     pairs = re.findall(r"\{(\d+),(\d+)\}", m.group(1)) if m else []
-    return any(int(a) // per_slice != int(b) // per_slice for a, b in pairs)
+    return nbytes if any(int(a) // per_slice != int(b) // per_slice for a, b in pairs) else 0.0
   members = _mesh_members(attrs) or _iota_members(attrs) or _groups(attrs) or []
-  return any(len({d // per_slice for d in g if d >= 0}) > 1 for g in members)
+  for group in members:
+    slices = {d // per_slice for d in group if d >= 0}
+    if len(slices) > 1:
+      n, s = len(group), len(slices)
+      data = {"reduce-scatter": nbytes * n, "all-reduce": 2 * nbytes}.get(kind, nbytes)
+      return data * (s - 1) / s / (n / s)
+  return 0.0

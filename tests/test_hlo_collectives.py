@@ -115,9 +115,11 @@ def test_roofline_fields_of_a_compiled_step(mesh):
   chip = roofline.Chip("slow links", peak_flops=1e12, hbm_bytes_per_s=1e12, ici_bytes_per_s=1e3, dcn_bytes_per_s=1e2)
   f = roofline_fields(compiled, chip, model_flops_per_chip=8.0, devices_per_slice=4)
   assert f["collective_bytes_per_chip"] == {"all-gather": 64 * 32 * 4}
-  # Gathering across both slices: 7/8 of 8 KiB arrive, all counted as DCN traffic here.
-  assert f["collective_wire_bytes_per_chip"] == f["dcn_wire_bytes_per_chip"] == 64 * 32 * 4 * 7 / 8
-  assert f["bound_by"] == "dcn" and f["roofline_s"] == pytest.approx(64 * 32 * 4 * 7 / 8 / 1e2)
+  # Gathering 8 KiB over two slices of 4: 7/8 of it arrives at each chip; half of it comes from
+  # the other slice, and the 4 chips of a slice can share that: 1 KiB each over DCN.
+  assert f["collective_wire_bytes_per_chip"] == 64 * 32 * 4 * 7 / 8
+  assert f["dcn_wire_bytes_per_chip"] == 64 * 32 * 4 / 2 / 4
+  assert f["bound_by"] == "dcn" and f["roofline_s"] == pytest.approx(64 * 32 * 4 / 8 / 1e2)
   assert f["xla_flops_per_chip"] is not None and f["hbm_bytes_per_chip"] > 0
   assert roofline_fields(compiled, None, 8.0)["roofline"].startswith("n/a")
 

@@ -110,7 +110,8 @@ def roofline_from_hlo(hlo_text: str, xla_flops: float | None, hbm_bytes: float |
   # counted per iteration (remat included) are the better figure there. Both are lower bounds
   # of what the chip executes, and so is the model's own count.
   est = roofline.estimate(flops=max(xla_flops, matmul, model_flops_per_chip), hbm_bytes=hbm_bytes,
-                          ici_bytes=coll.total_wire_bytes - coll.total_dcn_wire_bytes,
+                          # the ICI phases of a collective that also crosses slices still run: all of it
+                          ici_bytes=coll.total_wire_bytes,
                           dcn_bytes=coll.total_dcn_wire_bytes, chip=chip, model_flops=model_flops_per_chip)
   return {**out, "chip": chip.name, "roofline_s": est.bound_s, "bound_by": est.bound_by,
           "roofline_parts_s": {"compute": est.compute_s, "hbm": est.hbm_s, "ici": est.ici_s, "dcn": est.dcn_s},
