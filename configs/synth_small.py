@@ -26,10 +26,12 @@ the drawn-shapes corpus.
       --config.evals.holistic_checkpoint=workdir/synth_small_holistic --out=workdir/synth_small_eval
   python -m launch.train --config=configs/synth_small.py:data=shapes,steps=300 --workdir=workdir/s300
 
-Expect (2-core CPU, SynthCXR; measured 2026-12-05 on the ablation's full_seed1 run): ~2.7 steps/s
-once the text cache is warm (600 steps in ~5 min; ~1 step/s on a machine busy with other work);
-the box L1 falls from ~0.35 (step 50) to ~0.05 and the GIoU loss from ~0.68 to ~0.20, and the
-region-phrase loss from ~8.0 (against log(2·32·29 candidates) = 7.5) to ~4.1. The ablation's numbers are in BENCHMARKS.md
+Expect (2-core CPU, SynthCXR; measured 2026-12-05 on the ablation's full_seed1 run, one-CT
+corpus): ~2.7 steps/s once the text cache is warm (600 steps in ~5 min; ~1 step/s on a machine busy
+with other work); the box L1 falls from ~0.35 (step 50) to ~0.05 and the GIoU loss from ~0.68 to
+~0.20, and the region-phrase loss from ~8.0 (against log(2·32·29 candidates) = 7.5) to ~4.1. On the
+many-patients corpus (the default; 2026-12-05, seed 0) the boxes end higher (L1 ~0.08, GIoU
+~0.32 at step 600) and the region-phrase loss at ~4.1. The ablation's numbers are in BENCHMARKS.md
 (`python -m launch.ablation`).
 
 Our choices where the paper is silent: ViT 128 wide, 4 layers, patch 8 at 64 px; joint space 128;

@@ -14,12 +14,14 @@ is the corpus' WordPiece).
   python -m launch.train --config=configs/tiny.py:steps=300,preset=fsdp --workdir=workdir/tiny_fsdp
   python -m launch.train --config=configs/tiny.py:data=shapes --workdir=workdir/tiny_shapes
 
-Expect (2-core CPU, one device, data=synthcxr on the one-CT corpus; measured 2026-12-05, not yet
-remeasured with patients): first run ~15 s to project the CT and ~12 s to build the patient bank
-(once per machine), ~10 s to render 640 studies at 64 px and train the tokenizer, compile
-~11 s, then ~6 steps/s (~1 min in all once the CT is projected). The total loss (the weighted sum:
-region-phrase ×4, image-level ×0.5, box L1 ×5, GIoU ×2, presence) falls from ~33 (step 20) to ~17
-(step 200), the box terms fastest (L1 0.65 -> 0.09, GIoU 1.03 -> 0.36; region-phrase 6.3 -> 3.5).
+Expect (2-core CPU, one device, data=synthcxr; measured 2026-12-05): first run ~15 s to project
+the CT and ~12 s to build the patient bank (once per machine), ~10 s to render 640 studies at
+64 px and train the tokenizer, compile ~11 s, then ~6 steps/s (~1 min in all once the CT is
+projected). The total loss (the weighted sum: region-phrase ×4, image-level ×0.5, box L1 ×5,
+GIoU ×2, presence) falls from ~33 (step 20) to ~17.5 (step 200), the box terms fastest (L1
+0.61 -> 0.16, GIoU 1.00 -> 0.55; region-phrase 6.4 -> 3.5). Boxes stay harder than on the
+one-CT corpus (`--config.data.synthcxr.patients=ct`: L1 0.09, GIoU 0.36 at step 200), since they
+move with the patient. BENCHMARKS.md has the evaluation beside its baselines.
 With `--config.data.tokenizer=corpus` (the WordPiece) it is ~33.5 -> ~16.8. data=shapes (drawn
 shapes, 32 px, the tests' data) needs no CT. Checkpoints go to <workdir>/checkpoints, metrics to
 <workdir>/metrics.jsonl. Rerunning the command resumes.
