@@ -93,13 +93,47 @@ def tiny_config(arg="", **overrides):
   # The per-term gradient split compiles a second function on the first log step: only the tests
   # of it (and the shared tiny_checkpoint run) switch it on.
   c.log_grad_signal = False
+  return with_overrides(c, overrides)
+
+
+def with_overrides(config, overrides: dict):
+  """`config` with dotted-key overrides set, e.g. {"mesh.fsdp": 2}."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
+
+
+_KILLED_IN_SAVE = r"""
+import os, signal, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_disable_most_optimizations", True)
+sys.path.insert(0, {root!r})
+from avlm_jax.train import checkpoint, loop
+from {module} import {function}
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+  out = save(self, step, *args, **kwargs)
+  if step == {step}:  # the write of this step is under way in the background: kill -9 now
+    os.kill(os.getpid(), signal.SIGKILL)
+  return out
+checkpoint.Checkpointer.save = save_then_die
+loop.train_and_evaluate({function}(**{overrides!r}), {workdir!r}, devices=jax.devices()[:1])
+"""
+
+
+def killed_in_save_script(config_function: str, overrides: dict, workdir: str, step: int = 4) -> str:
+  """A `python -c` script that trains `module.function(**overrides)` (e.g. "tests.conftest.tiny_config")
+  into `workdir` on one device and kills itself with SIGKILL while the save of `step` is being written."""
+  module, _, function = config_function.rpartition(".")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return _KILLED_IN_SAVE.format(root=root, module=module, function=function, overrides=overrides,
+                                workdir=workdir, step=step)
 
 
 @pytest.fixture(scope="session")

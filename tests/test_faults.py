@@ -20,7 +20,7 @@ import pytest
 from avlm_jax.train import checkpoint, faults
 from avlm_jax.train import loop as train_loop
 from avlm_jax.train.loop import train_and_evaluate
-from tests.conftest import tiny_config
+from tests.conftest import killed_in_save_script, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -346,7 +346,7 @@ jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_disable_most_optimizations", True)
 sys.path.insert(0, {root!r})
 from avlm_jax.train import loop
-from tests.conftest import tiny_config
+from tests.conftest import killed_in_save_script, tiny_config
 prepare, calls = loop.Trainer.prepare, {{"n": 0}}
 def stuck_on_the_third(self, local):
   calls["n"] += 1
@@ -370,33 +370,13 @@ def test_the_watchdog_ends_a_run_whose_input_pipeline_hangs(synthetic_dir, tmp_p
   assert "stuck_on_the_third" in done.stderr  # the dumped stacks show where it hangs
 
 
-_KILLED_IN_SAVE = r"""
-import os, signal, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax
-jax.config.update("jax_threefry_partitionable", True)
-jax.config.update("jax_disable_most_optimizations", True)
-sys.path.insert(0, {root!r})
-from avlm_jax.train import checkpoint, loop
-from tests.conftest import tiny_config
-save = checkpoint.Checkpointer.save
-def save_then_die(self, step, *args, **kwargs):
-  out = save(self, step, *args, **kwargs)
-  if step == 4:  # the write of step 4 is under way in the background: kill -9 now
-    os.kill(os.getpid(), signal.SIGKILL)
-  return out
-checkpoint.Checkpointer.save = save_then_die
-cfg = tiny_config(**{{"data.kind": "array_record", "data.dir": {data!r}, "total_steps": 6, "log_every": 3,
-                      "checkpoint_every": 2}})
-loop.train_and_evaluate(cfg, {workdir!r}, devices=jax.devices()[:1])
-"""
-
-
 @pytest.mark.xdist_group("tiny_step_b")
 def test_kill_9_during_a_save_then_rerun_is_bit_identical(synthetic_dir, tmp_path, compiled_steps):
   cfg = _config(synthetic_dir)
   whole = _train(cfg, tmp_path / "whole", compiled_steps)
-  script = _KILLED_IN_SAVE.format(root=ROOT, data=synthetic_dir, workdir=str(tmp_path / "killed"))
+  script = killed_in_save_script("tests.conftest.tiny_config", {
+      "data.kind": "array_record", "data.dir": synthetic_dir, "total_steps": 6, "log_every": 3,
+      "checkpoint_every": 2}, str(tmp_path / "killed"))
   done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from avlm_jax import fs
+from tests.conftest import killed_in_save_script, with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "avlm-test"
@@ -29,13 +30,7 @@ def synthcxr_tiny(**overrides):
   c = tiny.get_config("steps=6")
   c.data.kind = "array_record"
   c.log_every, c.checkpoint_every, c.log_grad_signal, c.evals.every_steps = 3, 2, False, 0
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return with_overrides(c, overrides)
 
 
 def _free_port() -> int:
@@ -148,26 +143,6 @@ def _run(args, **kwargs):
   return done
 
 
-_KILLED_IN_SAVE = r"""
-import os, signal, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax
-jax.config.update("jax_threefry_partitionable", True)
-jax.config.update("jax_disable_most_optimizations", True)
-sys.path.insert(0, {root!r})
-from avlm_jax.train import checkpoint, loop
-from tests.test_gcs import synthcxr_tiny
-save = checkpoint.Checkpointer.save
-def save_then_die(self, step, *args, **kwargs):
-  out = save(self, step, *args, **kwargs)
-  if step == 4:  # the upload of step 4 is under way in the background: kill -9 now
-    os.kill(os.getpid(), signal.SIGKILL)
-  return out
-checkpoint.Checkpointer.save = save_then_die
-loop.train_and_evaluate(synthcxr_tiny(**{overrides!r}), {workdir!r}, devices=jax.devices()[:1])
-"""
-
-
 def test_a_pod_run_in_a_bucket_builds_trains_is_killed_resumes_exactly_and_evaluates(gcs, tmp_path, compiled_steps):
   from avlm_jax.train.loop import train_and_evaluate
 
@@ -181,7 +156,7 @@ def test_a_pod_run_in_a_bucket_builds_trains_is_killed_resumes_exactly_and_evalu
 
   overrides = {"data.dir": data}
   workdir = f"{gcs}/runs/tiny"
-  killed = _run(["-c", _KILLED_IN_SAVE.format(root=ROOT, overrides=overrides, workdir=workdir)])
+  killed = _run(["-c", killed_in_save_script("tests.test_gcs.synthcxr_tiny", overrides, workdir)])
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   resumed = train_and_evaluate(synthcxr_tiny(**overrides), workdir, devices=jax.devices()[:1], compiled=compiled_steps)
   assert resumed["first_step"] in (2, 4) and int(resumed["state"].step) == 6

@@ -43,6 +43,7 @@ import zipfile
 import numpy as np
 from scipy import ndimage
 
+from avlm_jax.paths import file_sha256
 from data_pipelines.synthcxr import ct_volume
 from data_pipelines.synthcxr.anatomy_rules import extent
 
@@ -362,14 +363,6 @@ def build(ct_bank: dict[str, np.ndarray], zip_path: str) -> dict[str, np.ndarray
   return out
 
 
-def _checksum(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()[:16]
-
-
 def load(ct_bank: dict[str, np.ndarray], zip_path: str | None = None) -> "PatientBank":
   """The patient bank, from the on-disk cache when it matches this zip and CT, else built and cached."""
   zip_path = zip_path or masks_zip_path()
@@ -377,7 +370,7 @@ def load(ct_bank: dict[str, np.ndarray], zip_path: str | None = None) -> "Patien
     raise FileNotFoundError(f"{zip_path} is missing; {INSTALL_HINT}")
   ct_key = hashlib.sha256(np.ascontiguousarray(ct_bank["regions"]).tobytes()).hexdigest()[:16]
   path = os.path.join(ct_volume.cache_dir(),
-                      f"synthcxr-patients-v{BANK_VERSION}-{_checksum(zip_path)}-{ct_key}.npz")
+                      f"synthcxr-patients-v{BANK_VERSION}-{file_sha256(zip_path)[:16]}-{ct_key}.npz")
   if os.path.exists(path):
     try:
       with np.load(path) as z:
