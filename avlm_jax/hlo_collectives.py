@@ -8,7 +8,8 @@ Per device, for each kind (all-gather, reduce-scatter, all-reduce, all-to-all, c
     result is one shard), all-reduce 2(n−1)/n (reduce-scatter + all-gather), permute the result.
 Ops inside a while loop count once per iteration (XLA's `known_trip_count`, else N from a
 condition `i < N`; a loop with neither counts once and is reported in `unknown_trip_loops`).
-Async pairs count once, at their `-done`. With `devices_per_slice`, traffic of groups that span
+Async pairs count once, at their `-done`; ops that share a channel_id (one collective the
+compiler cloned, e.g. spread over a loop's iterations) count once. With `devices_per_slice`, traffic of groups that span
 slices also counts what must cross between slices, per chip, as DCN traffic. The kinds are the ops XLA emitted: the TPU compiler may
 write a gather as an all-reduce of zero-padded shards, whose wire estimate is then twice a gather's.
 `matmul_flops` counts the dots and convolutions the same way, once per loop iteration.
@@ -284,32 +285,42 @@ def collective_stats(hlo_text: str, devices_per_slice: int | None = None) -> Col
   mult, unknown = _multipliers(comps, entry)
   zero = lambda: {k: 0.0 for k in KINDS}
   result, wire, dcn, counts = zero(), zero(), zero(), {k: 0 for k in KINDS}
+  # One logical collective can appear as several ops sharing a channel_id: the TPU compiler's
+  # async collective fusion clones an all-gather into a loop's iterations to overlap it with
+  # compute. Such a channel counts once: its largest op, at the fewest times any of them runs.
+  ops, by_channel = [], {}
   for comp, instrs in comps.items():
     times = mult.get(comp, 0)
-    if not times:
-      continue
-    for _, type_text, opcode, attrs in instrs:
+    for _, type_text, opcode, attrs in instrs if times else ():
       kind = _OPCODES.get(opcode)
       if kind is None:
         continue
-      nbytes = shape_bytes(type_text)
-      groups = _groups(attrs)
-      n = len(groups[0]) if groups else None
-      if kind == "collective-permute":
-        moved = nbytes
-      elif not n or n == 1:
-        moved = 0.0 if n == 1 else nbytes  # a group of one moves nothing; unknown groups: the result
-      elif kind == "reduce-scatter":
-        moved = nbytes * (n - 1)
-      elif kind == "all-reduce":
-        moved = 2 * nbytes * (n - 1) / n
+      m = re.search(r"channel_id=(\d+)", attrs)
+      op = (kind, shape_bytes(type_text), attrs, times)
+      if m:
+        by_channel.setdefault(m.group(1), []).append(op)
       else:
-        moved = nbytes * (n - 1) / n
-      result[kind] += nbytes * times
-      wire[kind] += moved * times
-      counts[kind] += times
-      if devices_per_slice:
-        dcn[kind] += _dcn_bytes(attrs, kind, nbytes, devices_per_slice) * times
+        ops.append(op)
+  for same in by_channel.values():
+    ops.append(max(same, key=lambda o: o[1])[:3] + (min(o[3] for o in same),) if len(same) > 1 else same[0])
+  for kind, nbytes, attrs, times in ops:
+    groups = _groups(attrs)
+    n = len(groups[0]) if groups else None
+    if kind == "collective-permute":
+      moved = nbytes
+    elif not n or n == 1:
+      moved = 0.0 if n == 1 else nbytes  # a group of one moves nothing; unknown groups: the result
+    elif kind == "reduce-scatter":
+      moved = nbytes * (n - 1)
+    elif kind == "all-reduce":
+      moved = 2 * nbytes * (n - 1) / n
+    else:
+      moved = nbytes * (n - 1) / n
+    result[kind] += nbytes * times
+    wire[kind] += moved * times
+    counts[kind] += times
+    if devices_per_slice:
+      dcn[kind] += _dcn_bytes(attrs, kind, nbytes, devices_per_slice) * times
   return CollectiveStats(result, wire, dcn, counts, unknown)
 
 

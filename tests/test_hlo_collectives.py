@@ -158,3 +158,34 @@ ENTRY %main (x: bf16[2,32,32,1], w: bf16[16,16,1,8], q: bf16[2,10,3,4], k: bf16[
 }
 """
   assert hlo_collectives.matmul_flops(text) == 2 * (2 * 2 * 2 * 8) * 256 + 2 * (2 * 3 * 10 * 10) * 4
+
+
+def test_one_channel_counts_once():
+  # The TPU compiler's async collective fusion clones one all-gather (one channel_id) into a
+  # loop body: it is one collective, counted once at the fewest runs; another channel counts apart.
+  text = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[1]{0} get-tuple-element(%p), index=1
+  %g = f32[8]{0} all-gather(%x), channel_id=5, replica_groups=[1,8]<=[8], dimensions={0}
+  %h = f32[8]{0} all-gather(%x), channel_id=6, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %g)
+}
+
+ENTRY %main (a: f32[1]) -> f32[8] {
+  %a = f32[1]{0} parameter(0)
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  ROOT %g0 = f32[8]{0} all-gather(%a), channel_id=5, replica_groups=[1,8]<=[8], dimensions={0}
+}
+"""
+  stats = hlo_collectives.collective_stats(text)
+  assert stats.counts["all-gather"] == 1 + 4
+  assert stats.result_bytes["all-gather"] == 32 + 4 * 32
