@@ -41,6 +41,10 @@ def sweep_config(batch: int, dry: bool, res: int, attention: str):
 
   if dry:
     c = tiny.get_config(f"batch={batch},data=shapes")
+    # avlm_b16's structure at tiny size: bf16, scanned image layers with remat, frozen text tower.
+    c.model.dtype = "bfloat16"
+    c.model.image.update(dict(scan=True, remat_policy="dots"))
+    c.model.text.update(dict(scan=True, frozen=True))
   else:
     c = avlm_b16.get_config(f"res={res},batch={batch},preset=dp")
     c.data.kind = "synthetic_shapes"
@@ -101,7 +105,7 @@ def run_batch(batch: int, dry: bool, workdir: str, steps: int, warmup: int) -> d
 
 def markdown(rows: list[dict]) -> str:
   cols = ("batch", "device", "attention", "compile s", "step s (median)", "examples/s", "MFU",
-          "peak GiB in use", "compiled GiB", "roofline ms (bound by)", "MFU bound")
+          "peak GiB in use", "compiled MiB", "roofline ms (bound by)", "MFU bound")
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
   for r in rows:
@@ -113,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
     mfu = "n/a (no peak for this device)" if r["mfu"] is None else f"{r['mfu']:.1%}"
     lines.append("| " + " | ".join(str(x) for x in (
         r["batch"], r["device"], r["attention"], r["compile_s"], r["median_step_s"], r["examples_per_s"], mfu,
-        gib(r["peak_bytes_in_use"]), gib(total * 2**20 if total is not None else None), roof,
+        gib(r["peak_bytes_in_use"]), "n/a" if total is None else total, roof,
         r.get("mfu_bound", "n/a"))) + " |")
   return "\n".join(lines)
 
