@@ -196,12 +196,19 @@ def upload_dir(local: str, url: str, *, last: tuple[str, ...] = ()) -> None:
 
 def local_copy(path: str, cache_root: str | None = None) -> str:
   """A local path holding the file or folder `path`: `path` itself when it is local, else a copy
-  downloaded once per URL into `cache_root` (default: a per-user temporary folder). For libraries
-  that only open local files (SentencePiece, Hugging Face tokenizers)."""
+  downloaded into `cache_root` (default: a per-user temporary folder) once per URL and version of
+  its objects, so a folder rewritten at the same URL is fetched again. For libraries that only open
+  local files (SentencePiece, Hugging Face tokenizers, memory-mapped tables)."""
   if not is_remote(path):
     return path
+  with _named(path, "downloading"):
+    client = _gcs()
+    info = client.info(path)  # FileNotFoundError: named by _named
+    objects = client.find(path, detail=True) if info.get("type") == "directory" else {info["name"]: info}
+  version = sorted((name, str(o.get("generation") or o.get("etag") or ""), int(o.get("size") or 0))
+                   for name, o in objects.items())
+  key = hashlib.sha256(repr((path.rstrip("/"), version)).encode()).hexdigest()[:16]
   cache_root = cache_root or os.path.join(tempfile.gettempdir(), f"avlm_jax_gcs_{os.getuid()}")
-  key = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
   dst = os.path.join(cache_root, f"{key}_{basename(path)}")
   if os.path.exists(dst):
     return dst
@@ -209,20 +216,17 @@ def local_copy(path: str, cache_root: str | None = None) -> str:
   tmp = tempfile.mkdtemp(prefix=".download_", dir=cache_root)
   try:
     with _named(path, "downloading"):
-      fs = _gcs()
-      if fs.isdir(path):
+      if info.get("type") == "directory":
         out = os.path.join(tmp, "d")
         os.makedirs(out)
         prefix = path.rstrip("/")[len("gs://"):] + "/"
-        for obj in fs.find(path):
+        for obj in objects:
           rel = obj[len(prefix):]
           os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
-          fs.get_file(obj, os.path.join(out, rel))
-      elif fs.exists(path):
-        out = os.path.join(tmp, "f")
-        fs.get_file(path, out)
+          client.get_file(obj, os.path.join(out, rel))
       else:
-        raise FileNotFoundError(path)
+        out = os.path.join(tmp, "f")
+        client.get_file(path, out)
     try:
       os.replace(out, dst)
     except OSError:  # another process finished the same download first

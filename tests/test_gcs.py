@@ -86,6 +86,9 @@ def test_files_and_folders_round_trip_through_the_bucket(gcs, tmp_path):
   local = fs.local_copy(fs.join(base, "b"), cache_root=str(tmp_path / "cache"))
   assert sorted(os.listdir(local)) == ["one.txt", "two.bin"] and open(os.path.join(local, "two.bin"), "rb").read() == b"\x00\x01"
   assert fs.local_copy(fs.join(base, "b"), cache_root=str(tmp_path / "cache")) == local  # downloaded once
+  fs.write_text(fs.join(base, "b", "one.txt"), "changed")  # rewritten at the same URL: fetched again
+  again = fs.local_copy(fs.join(base, "b"), cache_root=str(tmp_path / "cache"))
+  assert again != local and open(os.path.join(again, "one.txt")).read() == "changed"
 
 
 def test_a_staged_folder_reaches_the_bucket_only_when_complete_and_its_marker_last(gcs, monkeypatch):
