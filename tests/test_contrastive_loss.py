@@ -147,3 +147,49 @@ def test_image_label_loss_matches_numpy():
                                      jnp.float32(scale), jnp.float32(bias))
   assert float(out["loss"]) == pytest.approx(expected, abs=1e-5)
   assert float(out["pos_logit"]) == pytest.approx(z[labels == 1].mean(), abs=1e-4)
+
+
+def test_text_classes_equal_exactly_where_identities_are():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 3, size=(200, 2)).astype(np.int32)  # many repeats, some sharing one half
+  cls = np.asarray(contrastive.text_classes(jnp.asarray(ids)))
+  same_ids = np.all(ids[:, None] == ids[None], axis=-1)
+  np.testing.assert_array_equal(cls[:, None] == cls[None], same_ids)
+  assert cls.min() == 0 and cls.max() == len(np.unique(ids, axis=0)) - 1
+
+
+def _masked_region_phrase_loss(r, t, ids, has, scale, tf, ids_f, has_f):
+  """The definition written with an explicit (N, M) positive mask: the reference for values,
+  top-1 and gradients of the mask-free implementation."""
+  n = r.shape[0]
+  cand, cand_ids = jnp.concatenate([t, tf]), jnp.concatenate([ids, ids_f])
+  valid = jnp.concatenate([has, has_f])
+  logits = jnp.where(valid[None], scale * r @ cand.T, -1e9)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  pos = jnp.all(ids[:, None] == cand_ids[None], -1) & valid[None] & has[:, None]
+  per = -jnp.sum(jnp.where(pos, log_p, 0.0), -1) / jnp.maximum(pos.sum(-1), 1)
+  loss = jnp.sum(jnp.where(has, per, 0.0)) / jnp.maximum(has.sum(), 1)
+  top1 = pos[jnp.arange(n), jnp.argmax(logits, -1)] & has
+  return loss, top1.sum() / jnp.maximum(has.sum(), 1)
+
+
+def test_region_phrase_gradients_match_the_masked_definition():
+  rng = np.random.default_rng(3)
+  n, e = len(TRUE), 6
+  r, t, tf = (jnp.asarray(_unit(rng, n, e)) for _ in range(3))
+  ids, has = _ids(TRUE)
+  ids_f, has_f = _ids(FALSE)
+  scale = jnp.float32(9.0)
+
+  def ours(r, t, tf):
+    return contrastive.region_phrase_loss(r, t, ids, has, scale, tf, ids_f, has_f)["loss"]
+
+  ref_loss, ref_top1 = _masked_region_phrase_loss(r, t, ids, has, scale, tf, ids_f, has_f)
+  out = contrastive.region_phrase_loss(r, t, ids, has, scale, tf, ids_f, has_f)
+  assert float(out["loss"]) == pytest.approx(float(ref_loss), abs=1e-5)
+  assert float(out["top1_acc"]) == pytest.approx(float(ref_top1))
+  grads = jax.grad(ours, argnums=(0, 1, 2))(r, t, tf)
+  ref = jax.grad(lambda *a: _masked_region_phrase_loss(a[0], a[1], ids, has, scale, a[2], ids_f, has_f)[0],
+                 argnums=(0, 1, 2))(r, t, tf)
+  for g, g_ref in zip(grads, ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)

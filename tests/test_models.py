@@ -141,3 +141,48 @@ def test_scan_and_remat_give_the_same_outputs_and_grads_as_the_loop(remat_policy
   back = layers.unscan_layers(stacked, "block")
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("channels,dtype", [(1, jnp.float32), (3, jnp.float32), (1, jnp.bfloat16)])
+def test_patch_embedding_is_the_strided_convolution(channels, dtype):
+  """PatchEmbedding (patchify + matmul) equals nn.Conv(kernel=stride=p, VALID) with the same
+  parameters: same init, outputs and gradients, so checkpoints of either read into the other."""
+  from avlm_jax.models.layers import PatchEmbedding
+
+  p, width = 8, 16
+  images = jax.random.normal(jax.random.key(0), (2, 32, 24, channels))
+  ours = PatchEmbedding(width, p, dtype)
+  conv = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", dtype=dtype)
+  params = nn.unbox(ours.init(jax.random.key(1), images))
+  conv_params = conv.init(jax.random.key(1), images)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv_params)
+  np.testing.assert_array_equal(params["params"]["kernel"], conv_params["params"]["kernel"])  # same init
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  out = ours.apply(params, images)
+  assert out.shape == (2, 4, 3, width) and out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(conv.apply(params, images), np.float32), **tol)
+
+  def loss(module, prm, x):
+    return jnp.sum(jnp.sin(module.apply(prm, x).astype(jnp.float32)))
+
+  g_ours = jax.grad(loss, argnums=(1, 2))(ours, params, images)
+  g_conv = jax.grad(loss, argnums=(1, 2))(conv, params, images)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_conv)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def test_exact_gelu_matches_jax_and_its_gradient():
+  """layers.gelu (the erf form) equals jax.nn.gelu(approximate=False) (the erfc form) in value and
+  gradient, tails included; the tanh form is passed through."""
+  from avlm_jax.models.layers import gelu
+
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 2001), jax.random.normal(jax.random.key(0), (1000,)) * 3])
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, False)))(x),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(gelu(x, approximate=True), jax.nn.gelu(x, approximate=True))
+  xb = x.astype(jnp.bfloat16)
+  assert gelu(xb).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gelu(xb), np.float32), np.asarray(jax.nn.gelu(xb, False), np.float32),
+                             rtol=1e-2, atol=1e-2)

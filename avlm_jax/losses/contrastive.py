@@ -30,6 +30,15 @@ def same_phrase(ids_a: jax.Array, ids_b: jax.Array) -> jax.Array:
   return jnp.all(ids_a[:, None, :] == ids_b[None, :, :], axis=-1)
 
 
+def text_classes(ids: jax.Array) -> jax.Array:
+  """(M, 2) int32 text identities -> (M,) int32 class ids in [0, M): equal exactly where the
+  identities are equal (a sort, O(M log M); no (M, M) comparison)."""
+  order = jnp.lexsort((ids[:, 1], ids[:, 0]))
+  ranked = ids[order]
+  starts = jnp.concatenate([jnp.ones((1,), bool), jnp.any(ranked[1:] != ranked[:-1], axis=-1)])
+  return jnp.zeros(ids.shape[0], jnp.int32).at[order].set(jnp.cumsum(starts, dtype=jnp.int32) - 1)
+
+
 def candidates(phrase_emb: jax.Array, phrase_ids: jax.Array, has_phrase: jax.Array,
                false_emb: jax.Array | None = None, false_ids: jax.Array | None = None,
                has_false: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -55,18 +64,33 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   identical texts anywhere in the batch share labels, whether they came as true or false texts.
   The target distribution is uniform over P(i): loss_i = -mean_{j in P(i)} log softmax_j(scale ·
   <r_i, t_j>) over all candidates, averaged over anchors.
+
+  The loss is computed without an (N, M) positive mask: with the candidates grouped by text
+  (`text_classes`), sum_{j in P(i)} logit_ij = scale · <r_i, sum of class(i)'s embeddings>, so
+  loss_i = logsumexp_j(logit_ij) - that sum / |P(i)|. The logits are then read by two reductions
+  (logsumexp and the top-1 argmax) instead of seven elementwise passes, and no mask is built in
+  the backward pass (BENCHMARKS.md "The step beside open_clip").
   """
+  n = region_emb.shape[0]
   anchor = has_phrase.astype(bool)
   t, ids, valid = candidates(phrase_emb, phrase_ids, has_phrase, false_emb, false_ids, has_false)
-  logits = scale * jnp.einsum("ne,me->nm", region_emb.astype(jnp.float32), t.astype(jnp.float32))
-  logits = jnp.where(valid[None, :], logits, _MASKED)
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  positives = same_phrase(phrase_ids, ids) & valid[None, :] & anchor[:, None]
-  num_pos = jnp.maximum(positives.sum(axis=-1), 1)
-  per_anchor = -jnp.sum(jnp.where(positives, log_p, 0.0), axis=-1) / num_pos
+  t = t.astype(jnp.float32)
+  r = region_emb.astype(jnp.float32)
+  logits = scale * jnp.einsum("ne,me->nm", r, t) + jnp.where(valid, 0.0, _MASKED)[None, :]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  # Candidate i < n is anchor i's own text (candidates() puts the true texts first).
+  cls = text_classes(ids)
+  valid_f = valid.astype(jnp.float32)
+  class_sum = jax.ops.segment_sum(t * valid_f[:, None], cls, num_segments=cls.shape[0])
+  class_count = jax.ops.segment_sum(valid_f, cls, num_segments=cls.shape[0])
+  anchor_cls = cls[:n]
+  pos_logit_sum = scale * jnp.sum(r * class_sum[anchor_cls], axis=-1)
+  num_pos = jnp.maximum(class_count[anchor_cls], 1.0)
+  per_anchor = lse - pos_logit_sum / num_pos
   num_anchors = anchor.sum()
   loss = jnp.sum(jnp.where(anchor, per_anchor, 0.0)) / jnp.maximum(num_anchors, 1)
-  top1 = jnp.take_along_axis(positives, jnp.argmax(logits, axis=-1)[:, None], axis=-1)[:, 0]
+  best = jnp.argmax(logits, axis=-1)
+  top1 = valid[best] & (cls[best] == anchor_cls)
   return {
       "loss": loss,
       "num_anchors": num_anchors.astype(jnp.float32),

@@ -76,12 +76,7 @@ class AnatomyViT(nn.Module):
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch_size {p}")
     deterministic = not train
-    x = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-        kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-        bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
-        name="patch_embedding",
-    )(images.astype(self.dtype))
+    x = layers.PatchEmbedding(self.width, p, self.dtype, name="patch_embedding")(images.astype(self.dtype))
     b, gh, gw, d = x.shape
     patches = x.reshape(b, gh * gw, d)
 

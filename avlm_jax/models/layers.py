@@ -65,7 +65,9 @@ def resolve_attention(choice: str, dtype: Dtype, dropout_rate: float, platform: 
 def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype,
                     dropout: Callable[[jax.Array], jax.Array] = lambda w: w) -> jax.Array:
   """(B, T, N, H) queries, keys, values -> (B, T, N, H); `mask` (B, S) with 1 for real keys."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(dtype)
+  # The 1/√d scale goes on q (T·H values), not on the logits (T·T): XLA's CPU backend
+  # materialises a logits-sized broadcast of the constant for the scaled dot.
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
   if mask is not None:
     big_neg = jnp.finfo(logits.dtype).min
     logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
@@ -81,6 +83,34 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
   key_mask = None if mask is None else jnp.broadcast_to(
       mask[:, None, None, :].astype(bool), (q.shape[0], 1, q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=implementation)
+
+
+class PatchEmbedding(nn.Module):
+  """Non-overlapping `patch`×`patch` patches -> `width` features: a stride-`patch` convolution,
+  written as patchify + one matmul.
+
+  Same parameters (`kernel` (p, p, C, width), `bias`), initialisation and values as `nn.Conv`
+  with kernel = stride = p and VALID padding, so checkpoints are interchangeable. Why not the
+  convolution: with one input channel (radiographs), the TPU compiler spends most of a ViT-B/16
+  pod compile on the convolution's weight gradient (a bf16[16,16,1,768] fusion took over 15
+  minutes at 4 images per chip; BENCHMARKS.md "Compile time at paper scale"); as a matmul it is an
+  ordinary dot.
+  """
+
+  width: int
+  patch: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    b, h, w, c = images.shape
+    p = self.patch
+    kernel = self.param("kernel", partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                        (p, p, c, self.width))
+    bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (self.width,))
+    images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+    patches = images.reshape(b, h // p, p, w // p, p, c)
+    return jnp.einsum("bypxqc,pqcd->byxd", patches, kernel) + bias
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -124,6 +154,19 @@ class MultiHeadSelfAttention(nn.Module):
     return nn.with_logical_constraint(y, ACT_SEQ)
 
 
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+  """GELU; exact (erf, as BERT, open_clip and torch's default) or the tanh approximation.
+
+  The exact form is written with erf, x·(1 + erf(x/√2))/2, not as `jax.nn.gelu` writes it
+  (x·erfc(−x/√2)/2): XLA lowers erfc through exp and selects, which made GELU 8 % of the CPU train
+  step's op time at configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). The two
+  differ by < 1e-6 (erfc keeps relative accuracy in the far negative tail, where GELU is ~0).
+  """
+  if approximate:
+    return jax.nn.gelu(x, approximate=True)
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
 class MlpBlock(nn.Module):
   """Two-layer feed-forward block, `embed -> mlp -> embed`."""
 
@@ -143,7 +186,7 @@ class MlpBlock(nn.Module):
         name="fc1",
     )(x)
     h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
-    h = nn.gelu(h, approximate=self.gelu_approximate)
+    h = gelu(h, self.gelu_approximate)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     y = nn.Dense(
         width,

@@ -42,6 +42,19 @@ def analytic_flops_per_example(config, num_prompts: int) -> float:
   return 2 * 3 * macs
 
 
+def clip_flops_per_example(image_size: int, patch_size: int, channels: int, width: int, depth: int, mlp_dim: int,
+                           text_len: int, text_width: int, text_depth: int, text_mlp: int, embed_dim: int,
+                           batch: int) -> float:
+  """Model FLOPs of one CLIP training example (both towers trained), counted as
+  `analytic_flops_per_example` counts ours: image tower on CLS + patches, patch embedding, text
+  tower on one caption, both projections and the image–text logits (B per example)."""
+  grid = (image_size // patch_size) ** 2
+  macs = _transformer_macs(1 + grid, width, depth, mlp_dim) + grid * patch_size ** 2 * channels * width
+  macs += _transformer_macs(text_len, text_width, text_depth, text_mlp)
+  macs += width * embed_dim + text_width * embed_dim + batch * embed_dim
+  return 2 * 3 * macs
+
+
 def memory_fields(compiled) -> dict:
   """Compiled memory per device in MiB: arguments, temporaries, and their total with outputs − donated."""
   mem = compiled.memory_analysis()
