@@ -43,8 +43,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per contender and round.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps per contender and round.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_VOCAB = flags.DEFINE_integer("open_clip_vocab", 1000, "open_clip's vocabulary (its default is 49408; a "
-                              "smaller one makes its step cheaper, the harder comparison for us).")
+_VOCAB = flags.DEFINE_integer("open_clip_vocab", 49408, "open_clip's vocabulary: its default (CLIP's BPE); "
+                              "a small one (e.g. 1000) drops most of its embedding's optimizer update, "
+                              "the harder comparison for us.")
 _OUT = flags.DEFINE_string("out", "results/step_vs_open_clip.jsonl", "JSON lines are appended here.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the drawn shapes go (default: a temp dir).")
 

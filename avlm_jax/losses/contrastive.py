@@ -67,9 +67,9 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
 
   The loss is computed without an (N, M) positive mask: with the candidates grouped by text
   (`text_classes`), sum_{j in P(i)} logit_ij = scale · <r_i, sum of class(i)'s embeddings>, so
-  loss_i = logsumexp_j(logit_ij) - that sum / |P(i)|. The logits are then read by two reductions
-  (logsumexp and the top-1 argmax) instead of seven elementwise passes, and no mask is built in
-  the backward pass (BENCHMARKS.md "The step beside open_clip").
+  loss_i = logsumexp_j(logit_ij) - that sum / |P(i)|. The (N, M) logits are then read by three
+  fused reductions (max, sum of exp, top-1) instead of seven passes, and no mask is built in the
+  backward pass (BENCHMARKS.md "The step beside open_clip").
   """
   n = region_emb.shape[0]
   anchor = has_phrase.astype(bool)
@@ -77,7 +77,8 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   t = t.astype(jnp.float32)
   r = region_emb.astype(jnp.float32)
   logits = scale * jnp.einsum("ne,me->nm", r, t) + jnp.where(valid, 0.0, _MASKED)[None, :]
-  lse = jax.nn.logsumexp(logits, axis=-1)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))  # logsumexp's shift, and the top-1 test's
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
   # Candidate i < n is anchor i's own text (candidates() puts the true texts first).
   cls = text_classes(ids)
   valid_f = valid.astype(jnp.float32)
@@ -89,8 +90,9 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   per_anchor = lse - pos_logit_sum / num_pos
   num_anchors = anchor.sum()
   loss = jnp.sum(jnp.where(anchor, per_anchor, 0.0)) / jnp.maximum(num_anchors, 1)
-  best = jnp.argmax(logits, axis=-1)
-  top1 = valid[best] & (cls[best] == anchor_cls)
+  # Top-1 hit: a positive reaches the row's maximum (the argmax's class, but without argmax's
+  # (value, index) reduction, which XLA's CPU backend runs slowly; ties have measure zero).
+  top1 = jnp.any((logits >= top[:, None]) & (cls[None, :] == anchor_cls[:, None]), axis=-1)
   return {
       "loss": loss,
       "num_anchors": num_anchors.astype(jnp.float32),

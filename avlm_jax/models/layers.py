@@ -154,17 +154,38 @@ class MultiHeadSelfAttention(nn.Module):
     return nn.with_logical_constraint(y, ACT_SEQ)
 
 
+@jax.custom_vjp
+def _exact_gelu(x: jax.Array) -> jax.Array:
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
+def _exact_gelu_fwd(x):
+  return _exact_gelu(x), x
+
+
+def _exact_gelu_bwd(x, g):
+  # d/dx x·Φ(x) = Φ(x) + x·φ(x), recomputed from x: one fused pass, and x is the only residual.
+  cdf = 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype))
+  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray((2 * jnp.pi) ** -0.5, x.dtype)
+  return (g * (cdf + x * pdf),)
+
+
+_exact_gelu.defvjp(_exact_gelu_fwd, _exact_gelu_bwd)
+
+
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   """GELU; exact (erf, as BERT, open_clip and torch's default) or the tanh approximation.
 
-  The exact form is written with erf, x·(1 + erf(x/√2))/2, not as `jax.nn.gelu` writes it
-  (x·erfc(−x/√2)/2): XLA lowers erfc through exp and selects, which made GELU 8 % of the CPU train
-  step's op time at configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). The two
-  differ by < 1e-6 (erfc keeps relative accuracy in the far negative tail, where GELU is ~0).
+  The exact form is x·Φ(x) with Φ written through erf, with a hand-written gradient that keeps
+  only x for the backward pass. `jax.nn.gelu` writes it as x·erfc(−x/√2)/2, which XLA lowers
+  through exp and selects, and autodiff keeps Φ(x) beside x, so the forward pass takes two
+  passes over the MLP activations: GELU was 8 % of the CPU train step's op time at
+  configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). The two agree to < 1e-6
+  (erfc keeps relative accuracy in the far negative tail, where GELU is ~0).
   """
   if approximate:
     return jax.nn.gelu(x, approximate=True)
-  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+  return _exact_gelu(x)
 
 
 class MlpBlock(nn.Module):

@@ -23,11 +23,14 @@ def _transformer_macs(tokens: int, width: int, depth: int, mlp: int) -> float:
 def analytic_flops_per_example(config, num_prompts: int) -> float:
   """Model FLOPs of one training example: 2 × multiply-adds × 3 (forward + backward), matmuls only.
 
-  Counts the image tower, its heads, the text tower on the 29 region texts (or only the text
-  projection when a frozen tower's features come from the cache), the label prompts (shared by
-  the batch) and the (B·29)² region logits. Remat recomputation is not model FLOPs.
+  Counts the image tower, its heads, the text tower on the 58 slot texts per image (each
+  region's true and false statement; only the text projection when a frozen tower's features
+  come from the cache), the label prompts (shared by the batch) and the (B·29) × (B·58) region
+  logits. Remat recomputation is not model FLOPs. (Before issue 15 the count had 29 texts and
+  (B·29)² logits, from before the false statements joined the candidates.)
   """
-  m, r, b = config.model, 29, config.batch_size
+  m, b = config.model, config.batch_size
+  r = 29 if m.image.anatomy_tokens else 0  # the holistic ablation has no anatomy tokens
   img, txt, e = m.image, m.text, m.embed_dim
   grid = (config.data.image_size // img.patch_size) ** 2
   macs = _transformer_macs(1 + r + grid, img.width, img.depth, img.mlp_dim)
@@ -36,9 +39,10 @@ def analytic_flops_per_example(config, num_prompts: int) -> float:
   macs += r * 2 * img.width * e + img.width * e  # region and image projections
   text_macs = lambda n_texts, length: n_texts * (_transformer_macs(length, txt.width, txt.depth, txt.mlp_dim)
                                                  if not txt.frozen else 0)
-  macs += text_macs(r, config.data.max_phrase_len) + r * txt.width * e
+  texts = 2 * r  # slot texts: a true and a false statement per region
+  macs += text_macs(texts, config.data.max_phrase_len) + texts * txt.width * e
   macs += (text_macs(num_prompts, config.data.max_prompt_len) + num_prompts * txt.width * e) / b
-  macs += r * (r * b) * e + num_prompts * e  # region–phrase and image–label logits
+  macs += r * (texts * b) * e + num_prompts * e  # region–phrase and image–label logits
   return 2 * 3 * macs
 
 
