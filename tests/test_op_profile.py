@@ -29,10 +29,13 @@ def test_profile_of_a_jitted_function_names_its_ops(tmp_path):
   assert seconds, "no op events in the trace"
   assert set(seconds) <= set(info), f"traced ops missing from the HLO text: {set(seconds) - set(info)}"
   assert all(n == 3 for _, n in seconds.values())  # each op ran once per call
-  top = op_profile.top_ops(seconds, info, steps=3, k=5)
-  assert abs(sum(r["share"] for r in op_profile.top_ops(seconds, info, 3, k=10_000)) - 1) < 1e-9
-  # The matmuls (forward and the backward's weight gradients) dominate and say where they come from.
-  assert "dot" in top[0]["opcode"] and "dot_general" in top[0]["source"]
+  rows = op_profile.top_ops(seconds, info, steps=3, k=10_000)
+  assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+  assert rows == sorted(rows, key=lambda r: -r["ms_per_step"])
+  # The matmuls (O(n³) against the copies' O(n²)) take most of the time and say where they come from.
+  dots = [r for r in rows if "dot" in r["opcode"]]
+  assert len(dots) >= 3 and any("dot_general" in r["source"] for r in dots)
+  assert sum(r["share"] for r in dots) > 0.5
   parts = op_profile.by_source(seconds, info, depth=1)
   assert any(k.startswith("bwd") for k in parts), parts  # the transposed (backward) ops are told apart
   assert sum(parts.values()) == pytest.approx(sum(s for s, _ in seconds.values()))
