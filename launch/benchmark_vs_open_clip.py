@@ -108,9 +108,10 @@ class OurStep:
 
 
 def _commit() -> str | None:
+  """The checkout's commit, '+dirty' when tracked files differ from it."""
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 
