@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,30 +26,6 @@ _TOP = flags.DEFINE_integer("top", 25, "How many ops to list.")
 _DEPTH = flags.DEFINE_integer("depth", 2, "Path components of the by-part summary.")
 _OUT = flags.DEFINE_string("out", None, "Folder for trace/ and profile.json (default: a temp dir).")
 flags.mark_flags_as_required(["config"])
-
-
-def profile(trainer, state, steps: int, warmup: int, trace_dir: str):
-  """Run `warmup` then `steps` traced steps on one batch; return (state, step seconds, xplane path)."""
-  import jax
-
-  from avlm_jax.train import op_profile
-
-  batch = trainer.next_batch()
-  for _ in range(warmup):
-    state, metrics = trainer.step_fn(state, batch, trainer.prompts)
-  jax.block_until_ready(state)
-  step_s = []
-  jax.profiler.start_trace(trace_dir)
-  try:
-    for i in range(steps):
-      t0 = time.perf_counter()
-      with jax.profiler.StepTraceAnnotation("train", step_num=i):
-        state, metrics = trainer.step_fn(state, batch, trainer.prompts)
-        jax.block_until_ready(metrics)
-      step_s.append(time.perf_counter() - t0)
-  finally:
-    jax.profiler.stop_trace()
-  return state, step_s, op_profile.latest_xplane(trace_dir)
 
 
 def main(argv):
@@ -68,7 +43,8 @@ def main(argv):
   trainer.start(state)
   try:
     compiled = trainer.step_fn
-    state, step_s, xplane = profile(trainer, state, _STEPS.value, _WARMUP.value, os.path.join(out, "trace"))
+    state, step_s, xplane = op_profile.trace_steps(trainer, state, _STEPS.value, _WARMUP.value,
+                                                   os.path.join(out, "trace"))
   finally:
     trainer.data_iter.close()
   info = op_profile.hlo_op_info(compiled.as_text())

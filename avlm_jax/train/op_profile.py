@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import os
 import re
+import time
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -123,3 +124,26 @@ def by_source(seconds: dict[str, tuple[float, int]], info: dict[str, OpInfo], de
     key = "/".join(rest.split("/")[:depth])
     groups[(prefix + " " + key).strip()] += s
   return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def trace_steps(trainer, state, steps: int, warmup: int, trace_dir: str):
+  """Run `warmup` untimed then `steps` traced train steps of a started trainer on one batch.
+  Returns (state, each traced step's seconds, the trace's xplane path)."""
+  import jax
+
+  batch = trainer.next_batch()
+  for _ in range(warmup):
+    state, _ = trainer.step_fn(state, batch, trainer.prompts)
+  jax.block_until_ready(state)
+  step_s = []
+  jax.profiler.start_trace(trace_dir)
+  try:
+    for i in range(steps):
+      t0 = time.perf_counter()
+      with jax.profiler.StepTraceAnnotation("train", step_num=i):
+        state, metrics = trainer.step_fn(state, batch, trainer.prompts)
+        jax.block_until_ready(metrics)
+      step_s.append(time.perf_counter() - t0)
+  finally:
+    jax.profiler.stop_trace()
+  return state, step_s, latest_xplane(trace_dir)
