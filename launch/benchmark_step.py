@@ -26,14 +26,11 @@ def main(argv):
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)
-  from avlm_jax.train.loop import build_trainer
-  from avlm_jax.train.step_timer import time_steps
+  from avlm_jax.train.step_timer import started_trainer, time_steps
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="avlm_bench_")
-  trainer = build_trainer(config, workdir)
-  state = trainer.plan.initialize(jax.random.key(config.seed))
-  trainer.start(state)
+  trainer, state = started_trainer(config, workdir)
   state, times = time_steps(trainer, state, _WARMUP.value, _STEPS.value)
   n_dev = trainer.mesh.devices.size
   mem = trainer.step_fn.memory_analysis()

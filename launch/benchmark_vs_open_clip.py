@@ -86,13 +86,12 @@ class OurStep:
     import jax
 
     from avlm_jax.train.benchmarking import analytic_flops_per_example
-    from avlm_jax.train.loop import build_trainer
+    from avlm_jax.train.step_timer import started_trainer
     from configs import clip_shapes
 
     self.config = clip_shapes.get_config(f"batch={batch},text={text}")
-    self.trainer = build_trainer(self.config, workdir, devices=jax.devices()[:1])  # one device, as open_clip
-    self.state = self.trainer.plan.initialize(jax.random.key(self.config.seed))
-    self.trainer.start(self.state)
+    # One device, as open_clip's one process.
+    self.trainer, self.state = started_trainer(self.config, workdir, devices=jax.devices()[:1])
     self.trainer.step_fn  # noqa: B018: compile now, outside the timed rounds
     self.flops = analytic_flops_per_example(self.config, len(self.config.labels))
 

@@ -34,13 +34,11 @@ def main(argv):
 
   jax.config.update("jax_threefry_partitionable", True)
   from avlm_jax.train import op_profile
-  from avlm_jax.train.loop import build_trainer
+  from avlm_jax.train.step_timer import started_trainer
 
   config = _CONFIG.value
   out = _OUT.value or tempfile.mkdtemp(prefix="avlm_profile_")
-  trainer = build_trainer(config, os.path.join(out, "work"))
-  state = trainer.plan.initialize(jax.random.key(config.seed))
-  trainer.start(state)
+  trainer, state = started_trainer(config, os.path.join(out, "work"))
   try:
     compiled = trainer.step_fn
     state, step_s, xplane = op_profile.trace_steps(trainer, state, _STEPS.value, _WARMUP.value,

@@ -50,3 +50,14 @@ def time_steps(trainer, state: Any, warmup: int, steps: int, fixed_batch: bool =
     wait_s += t1 - t0
     step_s.append(time.perf_counter() - t0)
   return state, StepTimes(step_s, wait_s, time.perf_counter() - t_all)
+
+
+def started_trainer(config, workdir: str, devices=None):
+  """`(trainer, state)`: the config's trainer with a freshly initialised state and its input
+  pipeline started, as the step benchmarks and the profiler begin (the step compiles on first use)."""
+  from avlm_jax.train.loop import build_trainer
+
+  trainer = build_trainer(config, workdir, devices=devices)
+  state = trainer.plan.initialize(jax.random.key(config.seed))
+  trainer.start(state)
+  return trainer, state
