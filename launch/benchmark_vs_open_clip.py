@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -48,102 +47,15 @@ _VOCAB = flags.DEFINE_integer("open_clip_vocab", 49408, "open_clip's vocabulary:
 _OUT = flags.DEFINE_string("out", "results/step_vs_open_clip.jsonl", "JSON lines are appended here.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the drawn shapes go (default: a temp dir).")
 
-CONTENDERS = ("open_clip", "avlm", "avlm_text")
-
-
-def open_clip_args(config, batch: int, vocab: int, steps: int, warmup: int) -> dict:
-  """launch/open_clip_step.py's arguments: the config's image tower and text shapes."""
-  img, txt = config.model.image, config.model.text
-  return {"batch": batch, "steps": steps, "warmup": warmup, "image_size": config.data.image_size,
-          "patch_size": img.patch_size, "width": img.width, "layers": img.depth, "heads": img.num_heads,
-          "mlp_dim": img.mlp_dim, "context": txt.max_len, "text_width": txt.width, "vocab_size": vocab,
-          "embed_dim": config.model.embed_dim}
-
-
-def open_clip_flops(args: dict) -> float:
-  from avlm_jax.train.benchmarking import clip_flops_per_example
-
-  return clip_flops_per_example(args["image_size"], args["patch_size"], 3, args["width"], args["layers"],
-                                args["mlp_dim"], args["context"], args["text_width"], args["layers"],
-                                args["mlp_dim"], args["embed_dim"], args["batch"])
-
-
-def run_open_clip(python: str, args: dict) -> dict:
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_clip_step.py")
-  proc = subprocess.run([python, script, json.dumps(args)], capture_output=True, text=True)
-  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-  if proc.returncode or not lines:
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise SystemExit(f"benchmark_vs_open_clip: open_clip step failed under {python} "
-                     f"(exit {proc.returncode}): {tail}")
-  return json.loads(lines[-1])
-
-
-class OurStep:
-  """One of our contenders: built and compiled once, then timed on one batch per round."""
-
-  def __init__(self, text: str, batch: int, workdir: str):
-    import jax
-
-    from avlm_jax.train.benchmarking import analytic_flops_per_example
-    from avlm_jax.train.step_timer import started_trainer
-    from configs import clip_shapes
-
-    self.config = clip_shapes.get_config(f"batch={batch},text={text}")
-    # One device, as open_clip's one process.
-    self.trainer, self.state = started_trainer(self.config, workdir, devices=jax.devices()[:1])
-    self.trainer.step_fn  # noqa: B018: compile now, outside the timed rounds
-    self.flops = analytic_flops_per_example(self.config, len(self.config.labels))
-
-  def run(self, steps: int, warmup: int) -> list[float]:
-    from avlm_jax.train.step_timer import time_steps
-
-    self.state, times = time_steps(self.trainer, self.state, warmup, steps, fixed_batch=True)
-    return times.step_s
-
-  def close(self):
-    self.trainer.data_iter.close()
-
-
-def _commit() -> str | None:
-  """The checkout's commit, '+dirty' when tracked files differ from it."""
-  try:
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
-def summarize(per_round: dict[str, list[float]], flops: dict[str, float], batch: int) -> list[dict]:
-  """Per contender: median of round medians, GFLOP/example, GFLOP/s and the ratios to open_clip."""
-  rows = []
-  for name, medians in per_round.items():
-    step = statistics.median(medians)
-    rows.append({"contender": name, "median_step_s": step, "round_medians_s": medians,
-                 "gflop_per_example": flops[name] / 1e9, "gflop_s": flops[name] * batch / step / 1e9})
-  ref = next((r for r in rows if r["contender"] == "open_clip"), None)
-  for r in rows:
-    if ref is not None:
-      r["step_vs_open_clip"] = r["median_step_s"] / ref["median_step_s"]
-      r["gflop_s_vs_open_clip"] = r["gflop_s"] / ref["gflop_s"]
-  return rows
-
-
-def markdown(rows: list[dict]) -> str:
-  lines = ["| contender | step s (median) | GFLOP/example | GFLOP/s | step / open_clip's | GFLOP/s / open_clip's |",
-           "|---|---|---|---|---|---|"]
-  for r in rows:
-    ratio = lambda k: f"{r[k]:.2f}" if k in r else "n/a"  # noqa: E731
-    lines.append(f"| {r['contender']} | {r['median_step_s']:.4f} | {r['gflop_per_example']:.3f} | "
-                 f"{r['gflop_s']:.1f} | {ratio('step_vs_open_clip')} | {ratio('gflop_s_vs_open_clip')} |")
-  return "\n".join(lines)
-
 
 def main(argv):
   del argv
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)
+  from avlm_jax.train.open_clip_side_by_side import (CONTENDERS, OpenClipError, OurStep, commit, markdown,
+                                                     open_clip_args, open_clip_flops, run_open_clip, summarize)
+
   unknown = [c for c in _CONTENDERS.value if c not in CONTENDERS]
   if unknown:
     raise app.UsageError(f"--contenders: {unknown} not among {CONTENDERS}")
@@ -165,7 +77,7 @@ def main(argv):
   flops["open_clip"] = open_clip_flops(clip_args)
 
   meta = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "commit": _commit(), "machine": platform.node(), "cpus": os.cpu_count(),
+          "commit": commit(), "machine": platform.node(), "cpus": os.cpu_count(),
           "jax": jax.__version__, "device": jax.devices()[0].device_kind, "batch": batch, "steps": steps,
           "warmup": warmup, "load_avg_start": os.getloadavg()[0]}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -176,7 +88,10 @@ def main(argv):
       for name in _CONTENDERS.value:
         t0 = time.perf_counter()
         if name == "open_clip":
-          res = run_open_clip(_OPEN_CLIP_PYTHON.value, clip_args)
+          try:
+            res = run_open_clip(_OPEN_CLIP_PYTHON.value, clip_args)
+          except OpenClipError as e:
+            raise SystemExit(f"benchmark_vs_open_clip: {e}") from None
           step_s = res.pop("step_s")
           versions = res
         else:

@@ -1,4 +1,4 @@
-"""launch/benchmark_vs_open_clip.py: our contender runs, open_clip's venv is checked, the summary is right.
+"""launch/benchmark_vs_open_clip.py (avlm_jax/train/open_clip_side_by_side.py): our contender runs, open_clip's venv is checked, the summary is right.
 
 open_clip itself needs torch, which the project's venv never has; its script is run here only to
 check the one-line failure when the interpreter lacks it.
@@ -11,12 +11,12 @@ import pytest
 
 from avlm_jax.train.benchmarking import clip_flops_per_example
 from configs import clip_shapes
-from launch import benchmark_vs_open_clip as bench
+from avlm_jax.train import open_clip_side_by_side as bench
 
 
 def test_an_interpreter_without_open_clip_is_named():
   args = bench.open_clip_args(clip_shapes.get_config(), 2, 100, steps=1, warmup=0)
-  with pytest.raises(SystemExit) as e:
+  with pytest.raises(bench.OpenClipError) as e:
     bench.run_open_clip(sys.executable, args)
   msg = str(e.value)
   assert sys.executable in msg and "No module named" in msg and "\n" not in msg

@@ -65,34 +65,32 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   The target distribution is uniform over P(i): loss_i = -mean_{j in P(i)} log softmax_j(scale ·
   <r_i, t_j>) over all candidates, averaged over anchors.
 
-  The loss is computed without an (N, M) positive mask: with the candidates grouped by text
-  (`text_classes`), sum_{j in P(i)} logit_ij = scale · <r_i, sum of class(i)'s embeddings>, so
-  loss_i = logsumexp_j(logit_ij) - that sum / |P(i)|. The (N, M) logits are then read by three
-  fused reductions (max, sum of exp, top-1) instead of seven passes, and no mask is built in the
-  backward pass (BENCHMARKS.md "The step beside open_clip").
+  The positives are never materialised as an (N, M) mask: the candidates' texts are ranked into
+  class ids once (`text_classes`, a sort of M pairs), and "j is a positive of i" is one integer
+  compare of (N,) against (M,) that XLA fuses into the reductions over the logits (the positive
+  logits' sum, their count, the top-1 test). So the logits are read by four fused reductions, and
+  the backward pass writes one gradient, where the mask cost seven passes at
+  configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). Everything stays row-local,
+  so GSPMD adds no collective for it (a scatter of class sums did: +240 MB of all-reduce per chip
+  on a v5e-256).
   """
   n = region_emb.shape[0]
   anchor = has_phrase.astype(bool)
   t, ids, valid = candidates(phrase_emb, phrase_ids, has_phrase, false_emb, false_ids, has_false)
-  t = t.astype(jnp.float32)
-  r = region_emb.astype(jnp.float32)
-  logits = scale * jnp.einsum("ne,me->nm", r, t) + jnp.where(valid, 0.0, _MASKED)[None, :]
+  logits = scale * jnp.einsum("ne,me->nm", region_emb.astype(jnp.float32), t.astype(jnp.float32))
+  logits = logits + jnp.where(valid, 0.0, _MASKED)[None, :]
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))  # logsumexp's shift, and the top-1 test's
   lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
-  # Candidate i < n is anchor i's own text (candidates() puts the true texts first).
   cls = text_classes(ids)
-  valid_f = valid.astype(jnp.float32)
-  class_sum = jax.ops.segment_sum(t * valid_f[:, None], cls, num_segments=cls.shape[0])
-  class_count = jax.ops.segment_sum(valid_f, cls, num_segments=cls.shape[0])
-  anchor_cls = cls[:n]
-  pos_logit_sum = scale * jnp.sum(r * class_sum[anchor_cls], axis=-1)
-  num_pos = jnp.maximum(class_count[anchor_cls], 1.0)
-  per_anchor = lse - pos_logit_sum / num_pos
+  # Candidate i < n is anchor i's own text (candidates() puts the true texts first).
+  positive = (cls[None, :] == cls[:n, None]) & valid[None, :]  # fused into each reduction below
+  num_pos = jnp.maximum(jnp.sum(positive, axis=-1, dtype=jnp.float32), 1.0)
+  per_anchor = lse - jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / num_pos
   num_anchors = anchor.sum()
   loss = jnp.sum(jnp.where(anchor, per_anchor, 0.0)) / jnp.maximum(num_anchors, 1)
-  # Top-1 hit: a positive reaches the row's maximum (the argmax's class, but without argmax's
+  # Top-1 hit: a positive reaches the row's maximum (the argmax's class, without argmax's
   # (value, index) reduction, which XLA's CPU backend runs slowly; ties have measure zero).
-  top1 = jnp.any((logits >= top[:, None]) & (cls[None, :] == anchor_cls[:, None]), axis=-1)
+  top1 = jnp.any(positive & (logits >= top[:, None]), axis=-1)
   return {
       "loss": loss,
       "num_anchors": num_anchors.astype(jnp.float32),
