@@ -68,11 +68,11 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   The positives are never materialised as an (N, M) mask: the candidates' texts are ranked into
   class ids once (`text_classes`, a sort of M pairs), and "j is a positive of i" is one integer
   compare of (N,) against (M,) that XLA fuses into the reductions over the logits (the positive
-  logits' sum, their count, the top-1 test). So the logits are read by four fused reductions, and
-  the backward pass writes one gradient, where the mask cost seven passes at
-  configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). Everything stays row-local,
-  so GSPMD adds no collective for it (a scatter of class sums did: +240 MB of all-reduce per chip
-  on a v5e-256).
+  logits' sum, the top-1 test; the positives' count is a segment count over M). So the logits are
+  read by four fused reductions, and the backward pass writes one gradient, where the mask cost
+  seven passes at configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). The (N, M)
+  work stays row-local under GSPMD; the count adds an all-reduce of M floats (a scatter of the
+  classes' (M, E) embedding sums instead added ~240 MB per chip on a v5e-256).
   """
   n = region_emb.shape[0]
   anchor = has_phrase.astype(bool)
@@ -84,7 +84,9 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   cls = text_classes(ids)
   # Candidate i < n is anchor i's own text (candidates() puts the true texts first).
   positive = (cls[None, :] == cls[:n, None]) & valid[None, :]  # fused into each reduction below
-  num_pos = jnp.maximum(jnp.sum(positive, axis=-1, dtype=jnp.float32), 1.0)
+  # |P(i)|: the valid candidates of i's class, counted over (M,) rather than (N, M).
+  class_count = jax.ops.segment_sum(valid.astype(jnp.float32), cls, num_segments=cls.shape[0])
+  num_pos = jnp.maximum(class_count[cls[:n]], 1.0)
   per_anchor = lse - jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / num_pos
   num_anchors = anchor.sum()
   loss = jnp.sum(jnp.where(anchor, per_anchor, 0.0)) / jnp.maximum(num_anchors, 1)
