@@ -6,7 +6,10 @@ r"""Paper-scale Anatomy-VLM: ViT-B/16 image tower + a BERT-base-sized text tower
   python -m launch.benchmark_step --config=configs/avlm_b16.py:res=448,batch=256 --steps=20
 
 Needs a converted corpus (Chest ImaGenome + MIMIC-CXR triples) and a BERT-family checkpoint
-folder (HF layout) for the frozen text tower; nothing here is small enough for a CPU.
+folder (HF layout) for the frozen text tower; nothing here is small enough for a CPU. The step
+compiles ahead of time for a TPU v5e-256 in 1–2 minutes on 2 CPU cores
+(`python -m launch.benchmark_presets --config=configs/avlm_b16.py --aot_only --aot_topology=v5e:16x16`;
+BENCHMARKS.md "Compile time at paper scale").
 
 Known from the paper: ViT with 29 anatomy tokens, L1 + GIoU, region–phrase and image-level
 alignment, three stages, frozen text encoder. Our choices where it is silent:
