@@ -75,10 +75,12 @@ class OurStep:
 
 
 def commit() -> str | None:
-  """The checkout's commit, '+dirty' when tracked files differ from it."""
+  """The checkout's commit, '+dirty' when tracked files outside results/ (where the JSON lines
+  go) differ from it."""
   try:
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True, cwd=_ROOT).stdout.strip()  # noqa: E731
+    dirty = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)results")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 
