@@ -35,29 +35,6 @@ _DRY = flags.DEFINE_bool("dry", os.environ.get("AVLM_GPU_BENCHMARK_DRY", "") not
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the drawn data go (default: a temp dir).")
 
 
-def sweep_config(batch: int, dry: bool, res: int, attention: str):
-  """avlm_b16 (or, dry, the tiny config) at `batch` on one device, on drawn shapes."""
-  from configs import avlm_b16, common, tiny
-
-  if dry:
-    c = tiny.get_config(f"batch={batch},data=shapes")
-    # avlm_b16's structure at tiny size: bf16, scanned image layers with remat, frozen text tower.
-    c.model.dtype = "bfloat16"
-    c.model.image.update(dict(scan=True, remat_policy="dots"))
-    c.model.text.update(dict(scan=True, frozen=True))
-  else:
-    c = avlm_b16.get_config(f"res={res},batch={batch},preset=dp")
-    c.data.kind = "synthetic_shapes"
-    c.labels = common.base_config().labels  # the drawn corpus' findings (CheXpert's 13 are not in it)
-    c.data.synthetic.image_size = res
-    c.data.synthetic.num_train = 512  # enough for the largest default batch; one batch is reused
-    c.data.synthetic.num_val = 8
-  c.model.attention = attention
-  c.mesh.update({"data": 1, "fsdp": 1, "tensor": 1})
-  c.log_grad_signal = False
-  return c
-
-
 def _peak_bytes(device) -> int | None:
   stats = device.memory_stats()  # None on the CPU
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
@@ -67,11 +44,12 @@ def run_batch(batch: int, dry: bool, workdir: str, steps: int, warmup: int) -> d
   import jax
 
   from avlm_jax.roofline import chip_for
-  from avlm_jax.train.benchmarking import analytic_flops_per_example, memory_fields, peak_flops, roofline_fields
+  from avlm_jax.train.benchmarking import (analytic_flops_per_example, gpu_sweep_config, memory_fields, peak_flops,
+                                           roofline_fields)
   from avlm_jax.train.loop import build_trainer
   from avlm_jax.train.step_timer import time_steps
 
-  config = sweep_config(batch, dry, _RES.value, _ATTENTION.value)
+  config = gpu_sweep_config(batch, dry, _RES.value, _ATTENTION.value)
   device = jax.devices()[0]
   row = {"batch": batch, "device": device.device_kind, "dtype": config.model.dtype,
          "attention": config.model.attention, "res": config.data.image_size}

@@ -46,7 +46,10 @@ def test_our_paper_setting_step_runs_is_timed_and_profiled(tmp_path):
   (op_profile.trace_steps) of that same step names its parts (one compile for both)."""
   from avlm_jax.train import op_profile
 
-  ours = bench.OurStep("frozen", 4, str(tmp_path / "work"))
+  config = clip_shapes.get_config("batch=2")
+  config.model.image.update(dict(depth=1, width=32, mlp_dim=64))  # the same step, smaller: a faster compile
+  config.data.synthetic.update(dict(num_train=16, num_val=8))
+  ours = bench.OurStep("frozen", 2, str(tmp_path / "work"), config=config)
   try:
     assert ours.config.model.text.frozen and ours.flops > 0
     times = ours.run(steps=3, warmup=1)
@@ -59,5 +62,5 @@ def test_our_paper_setting_step_runs_is_timed_and_profiled(tmp_path):
   assert all(n >= 2 for _, n in seconds.values())
   assert sum(n == 2 for _, n in seconds.values()) > 0.95 * len(seconds)
   parts = op_profile.by_source(seconds, op_profile.hlo_op_info(ours.trainer.step_fn.as_text()), depth=2)
-  for part in ("image/block_0", "image/block_1", "bwd image/block_0", "bwd image/block_1"):
+  for part in ("image/block_0", "bwd image/block_0", "image/patch_embedding"):
     assert parts.get(part, 0) > 0, sorted(parts)[:20]

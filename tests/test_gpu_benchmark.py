@@ -50,9 +50,9 @@ def test_gpu_sweep_config():
   # What a GPU run builds: avlm_b16 in bf16 with cuDNN attention on one device, on drawn shapes
   # whose findings are the labels (CheXpert's would stop the reader at the first record).
   from configs import common
-  from launch.benchmark_gpu import sweep_config
+  from avlm_jax.train.benchmarking import gpu_sweep_config
 
-  c = sweep_config(128, dry=False, res=224, attention="cudnn")
+  c = gpu_sweep_config(128, dry=False, res=224, attention="cudnn")
   assert (c.batch_size, c.data.image_size, c.data.synthetic.image_size) == (128, 224, 224)
   assert (c.model.dtype, c.model.attention, c.model.image.width, c.model.image.depth) == ("bfloat16", "cudnn", 768, 12)
   assert c.data.kind == "synthetic_shapes" and tuple(c.labels) == tuple(common.SYNTHETIC_LABELS)

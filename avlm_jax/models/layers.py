@@ -181,7 +181,8 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   through exp and selects, and autodiff keeps Φ(x) beside x, so the forward pass takes two
   passes over the MLP activations: GELU was 8 % of the CPU train step's op time at
   configs/clip_shapes.py (BENCHMARKS.md "The step beside open_clip"). The two agree to < 1e-6
-  (erfc keeps relative accuracy in the far negative tail, where GELU is ~0).
+  (erfc keeps relative accuracy in the far negative tail, where GELU is ~0). Being a
+  `jax.custom_vjp`, the exact form differentiates in reverse mode only (grad, vjp), not jvp.
   """
   if approximate:
     return jax.nn.gelu(x, approximate=True)

@@ -133,3 +133,27 @@ def roofline_from_hlo(hlo_text: str, xla_flops: float | None, hbm_bytes: float |
   return {**out, "chip": chip.name, "roofline_s": est.bound_s, "bound_by": est.bound_by,
           "roofline_parts_s": {"compute": est.compute_s, "hbm": est.hbm_s, "ici": est.ici_s, "dcn": est.dcn_s},
           "mfu_bound": round(est.mfu_bound, 4) if est.mfu_bound is not None else None}
+
+
+def gpu_sweep_config(batch: int, dry: bool, res: int, attention: str):
+  """launch/benchmark_gpu.py's config: avlm_b16 (or, dry, the tiny config) at `batch` on one device,
+  on drawn shapes."""
+  from configs import avlm_b16, common, tiny
+
+  if dry:
+    c = tiny.get_config(f"batch={batch},data=shapes")
+    # avlm_b16's structure at tiny size: bf16, scanned image layers with remat, frozen text tower.
+    c.model.dtype = "bfloat16"
+    c.model.image.update(dict(scan=True, remat_policy="dots"))
+    c.model.text.update(dict(scan=True, frozen=True))
+  else:
+    c = avlm_b16.get_config(f"res={res},batch={batch},preset=dp")
+    c.data.kind = "synthetic_shapes"
+    c.labels = common.base_config().labels  # the drawn corpus' findings (CheXpert's 13 are not in it)
+    c.data.synthetic.image_size = res
+    c.data.synthetic.num_train = 512  # enough for the largest default batch; one batch is reused
+    c.data.synthetic.num_val = 8
+  c.model.attention = attention
+  c.mesh.update({"data": 1, "fsdp": 1, "tensor": 1})
+  c.log_grad_signal = False
+  return c

@@ -51,14 +51,16 @@ def run_open_clip(python: str, args: dict) -> dict:
 class OurStep:
   """One of our contenders: built and compiled once, then timed on one batch per round."""
 
-  def __init__(self, text: str, batch: int, workdir: str):
+  def __init__(self, text: str, batch: int, workdir: str, config=None):
+    """`text`: 'frozen' (the paper's setting) or 'trained'; `config` replaces
+    configs/clip_shapes.py's (the tests pass a smaller one)."""
     import jax
 
     from avlm_jax.train.benchmarking import analytic_flops_per_example
     from avlm_jax.train.step_timer import started_trainer
     from configs import clip_shapes
 
-    self.config = clip_shapes.get_config(f"batch={batch},text={text}")
+    self.config = config if config is not None else clip_shapes.get_config(f"batch={batch},text={text}")
     # One device, as open_clip's one process.
     self.trainer, self.state = started_trainer(self.config, workdir, devices=jax.devices()[:1])
     self.trainer.step_fn  # noqa: B018: compile now, outside the timed rounds
