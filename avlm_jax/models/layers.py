@@ -91,10 +91,10 @@ class PatchEmbedding(nn.Module):
 
   Same parameters (`kernel` (p, p, C, width), `bias`), initialisation and values as `nn.Conv`
   with kernel = stride = p and VALID padding, so checkpoints are interchangeable. Why not the
-  convolution: with one input channel (radiographs), the TPU compiler spends most of a ViT-B/16
-  pod compile on the convolution's weight gradient (a bf16[16,16,1,768] fusion took over 15
-  minutes at 4 images per chip; BENCHMARKS.md "Compile time at paper scale"); as a matmul it is an
-  ordinary dot.
+  convolution: with one input channel (radiographs), the TPU compiler's backend flagged the
+  convolution's weight gradient (a bf16[16,16,1,768] fusion) as its slow op in a ViT-B/16 pod
+  compile that took 17.5 minutes at 4 images per chip; written as a matmul, the same compile takes
+  about a minute (BENCHMARKS.md "Compile time at paper scale").
   """
 
   width: int
